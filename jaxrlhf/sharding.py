@@ -60,7 +60,13 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """``/``-joined string of a pytree key path (dict keys, attributes, sequence indices)."""
+    """``/``-joined string of a pytree key path (dict keys, attributes, sequence indices).
+
+    A trailing ``.value`` attribute (the array inside an ``nnx.Param``) is dropped, so an
+    ``nnx.State`` and its pure-dict form give the same names (``layers/0/attn/q_proj/kernel``).
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -150,3 +156,45 @@ def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Ar
         else:
             out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+# Logical axis names of activations -> mesh axes. Model and trainer code constrain activations
+# by logical names so that a mesh change never touches model code.
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+_ACTIVE_MESH: list[Mesh] = []
+
+
+class activation_mesh:  # noqa: N801 - used as a context manager, like jax.sharding.use_mesh
+    """Context in which ``constrain`` pins activations to ``mesh`` by logical axis names."""
+
+    def __init__(self, mesh: Mesh | None):
+        self.mesh = mesh
+
+    def __enter__(self):
+        _ACTIVE_MESH.append(self.mesh)
+        return self.mesh
+
+    def __exit__(self, *exc):
+        _ACTIVE_MESH.pop()
+
+
+def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
+    return PartitionSpec(*(LOGICAL_RULES.get(n) if n is not None else None for n in names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axis names; a no-op outside ``activation_mesh``."""
+    mesh = _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = fit_spec(logical_spec(names), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

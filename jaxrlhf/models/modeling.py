@@ -1,0 +1,372 @@
+"""Shared decoder blocks and the ``Transformer`` (Flax NNX) used by every family.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length (cache slots), ``H`` query heads,
+``K`` key/value heads (GQA: ``H = K * G``), ``D`` head dim, ``E`` hidden size, ``V`` vocab.
+Every state leaf is an ``nnx.Param``; parameter paths read ``layers/0/attn/q_proj/kernel``.
+Attention scores, softmax, norms and RoPE run in float32; matmuls in ``config.dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.sharding import constrain
+
+NEG_INF = -1e30  # finite large-negative fill: a fully masked row stays finite (uniform), never NaN
+
+
+def _act(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)``; ``kernel [in, out]`` (HF torch ``Linear`` weight transposed)."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs, std=0.02):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.kernel = nnx.Param(_normal(std)(rngs.params(), (din, dout), pd))
+        self.bias = nnx.Param(jnp.zeros((dout,), pd)) if bias else None
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        dt = jnp.dtype(self.dtype)
+        y = jnp.dot(x.astype(dt), self.kernel[...].astype(dt), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(out_dtype or dt)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (``scale``) or LayerNorm (``scale``, ``bias``) over the last axis, computed in f32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, kind: str | None = None):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.kind = kind or cfg.norm
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((dim,), pd))
+        self.bias = nnx.Param(jnp.zeros((dim,), pd)) if self.kind == "layer" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = x.astype(jnp.float32)
+        if self.kind == "rms":
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+            # HF Llama: weight * normed.to(input_dtype)
+            return (self.scale[...].astype(jnp.float32) * h.astype(dt).astype(jnp.float32)).astype(dt)
+        mu = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
+        h = (h - mu) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dt)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin [B, T, rotary_dim]`` float32 for integer ``positions [B, T]``."""
+    inv = jnp.asarray(cfg.inv_freq())  # [R/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B,T,R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B,T,R]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates the first ``R`` dims of ``x [B,T,H,D]`` (HF ``rotate_half`` layout)."""
+    r = cos.shape[-1]
+    xr, xp = x[..., :r].astype(jnp.float32), x[..., r:]
+    x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    out = xr * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return jnp.concatenate([out.astype(x.dtype), xp], axis=-1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Masked softmax attention with GQA.
+
+    Args:
+      q: ``[B, T, H, D]`` queries.  k, v: ``[B, S, K, D]`` keys/values, ``H % K == 0``.
+      allowed: ``[B, T, S]`` bool, True where query ``t`` may attend key ``s``.
+    Returns:
+      ``[B, T, H, D]`` in ``q.dtype``. Scores/softmax in float32 with a finite large-negative fill.
+    """
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)  # [B,T,K,G,D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    return out.reshape(b, t, h, d)
+
+
+def window_mask(q_slots: jax.Array, k_slots: jax.Array, window: int | None) -> jax.Array:
+    """``[..., T, S]`` causal (+ sliding window) mask from query slots ``[..., T]`` and key slots ``[S]``."""
+    diff = q_slots[..., :, None] - k_slots[None, :]
+    m = diff >= 0
+    if window is not None:
+        m = m & (diff < window)
+    return m
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(e, h * d, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.k_proj = Linear(e, k * d, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.v_proj = Linear(e, k * d, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.o_proj = Linear(h * d, e, bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = Norm(d, cfg, "rms")
+            self.k_norm = Norm(d, cfg, "rms")
+        else:
+            self.q_norm = self.k_norm = None
+        self.cfg = cfg
+
+    def qkv(self, x, cos, sin):
+        """Projects ``x [B,T,E]`` to rotated ``q [B,T,H,D]`` and ``k, v [B,T,K,D]``."""
+        c = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "length", "heads", None))
+        k = constrain(k, ("batch", "length", "kv_heads", None))
+        return q, k, v
+
+    def out(self, o):
+        b, t = o.shape[:2]
+        return self.o_proj(o.reshape(b, t, -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(e, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs) if cfg.mlp == "gated" else None
+        self.up_proj = Linear(e, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(f, e, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.activation = cfg.activation
+
+    def __call__(self, x):
+        act = _act(self.activation)
+        if self.gate_proj is not None:
+            h = act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = act(self.up_proj(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block; sequential or parallel (GPT-NeoX) residual."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rngs: nnx.Rngs):
+        self.input_norm = Norm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = Norm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs)
+        self.parallel = cfg.parallel_residual
+        self.window = cfg.layer_window(layer_idx)
+
+    def __call__(self, x, cos, sin, allowed, kv_fn=None):
+        """``x [B,T,E]``; ``allowed [B,T,S]``; ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache."""
+        q, k, v = self.attn.qkv(self.input_norm(x), cos, sin)
+        new_kv = (k, v)
+        if kv_fn is not None:
+            k, v, new_kv = kv_fn(k, v)
+        a = self.attn.out(attend(q, k, v, allowed))
+        if self.parallel:
+            x = x + a + self.mlp(self.post_attn_norm(x))
+        else:
+            x = x + a
+            x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ("batch", "length", "embed")), new_kv
+
+
+def positions_from_mask(attention_mask: jax.Array | None, segment_ids: jax.Array | None, shape) -> jax.Array:
+    """``[B,T]`` int32 positions: per segment when packed, ``cumsum(mask) - 1`` (>= 0) otherwise."""
+    b, t = shape
+    if segment_ids is not None:
+        seg = segment_ids
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        start = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        start_idx = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+        return jnp.where(seg != 0, idx - start_idx, 0).astype(jnp.int32)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+class Transformer(nnx.Module):
+    """A decoder-only LM (``head=None``) or scalar-head model (``head="scalar"``).
+
+    Build with ``jaxrlhf.models.init`` / ``from_pretrained``; the ``config`` attribute is the
+    frozen ``ModelConfig``.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        pd = jnp.dtype(c.param_dtype)
+        self.embed = nnx.Param(_normal(0.02)(rngs.params(), (c.vocab_size, c.hidden_size), pd))
+        if c.position == "learned":
+            self.pos_embed = nnx.Param(
+                _normal(0.01)(rngs.params(), (c.max_position_embeddings, c.hidden_size), pd)
+            )
+        else:
+            self.pos_embed = None
+        self.layers = nnx.List([Block(c, i, rngs) for i in range(c.num_layers)])
+        self.final_norm = Norm(c.hidden_size, c)
+        # Fresh reward/value head: normal(std=1/sqrt(E+1)) as TRL's value head; no bias (HF `score`).
+        std = 1.0 / math.sqrt(c.hidden_size + 1)
+        scalar = c.head == "scalar"
+        self.score = Linear(c.hidden_size, 1, bias=False, cfg=c, rngs=rngs, std=std) if scalar else None
+        untied = not scalar and not c.tie_word_embeddings
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False, cfg=c, rngs=rngs) if untied else None
+
+    # ------------------------------------------------------------------ pieces
+    def _embed(self, input_ids, positions):
+        dt = jnp.dtype(self.config.dtype)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+        return constrain(x, ("batch", "length", "embed"))
+
+    def _rope(self, positions):
+        if self.config.position != "rope":
+            return None, None
+        return rope_cos_sin(self.config, positions)
+
+    def _head(self, x):
+        x = self.final_norm(x)
+        if self.score is not None:
+            return self.score(x, out_dtype=jnp.float32)[..., 0]  # [B,T] f32
+        dt = jnp.dtype(self.config.dtype)
+        if self.lm_head is not None:
+            logits = self.lm_head(x, out_dtype=jnp.float32)
+        else:
+            logits = jnp.dot(x.astype(dt), self.embed[...].astype(dt).T, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    # ------------------------------------------------------------------ full forward
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Full forward.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids.
+          attention_mask: ``[B, T]`` 1 real / 0 padding (left or right), optional.
+          positions: ``[B, T]`` int positions; default from ``segment_ids`` / ``attention_mask``.
+          segment_ids: ``[B, T]`` packed-example ids (0 = padding); attention never crosses them.
+        Returns:
+          float32 logits ``[B, T, V]``, or float32 scalars ``[B, T]`` when ``head == "scalar"``.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = positions_from_mask(attention_mask, segment_ids, (b, t))
+        key_ok = jnp.ones((b, t), bool)
+        if attention_mask is not None:
+            key_ok = key_ok & (attention_mask != 0)
+        if segment_ids is not None:
+            key_ok = key_ok & (segment_ids != 0)
+        base = key_ok[:, None, :]
+        if segment_ids is not None:
+            base = base & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        slots = jnp.arange(t)
+        x = self._embed(input_ids, positions)
+        cos, sin = self._rope(positions)
+        masks: dict[int | None, jax.Array] = {}
+        for layer in self.layers:
+            w = layer.window
+            if w not in masks:
+                masks[w] = base & window_mask(slots, slots, w)[None]
+            if self.config.remat:
+                x, _ = nnx.remat(lambda blk, x, cos, sin, m: blk(x, cos, sin, m))(
+                    layer, x, cos, sin, masks[w]
+                )
+            else:
+                x, _ = layer(x, cos, sin, masks[w])
+        return self._head(x)
+
+    # ------------------------------------------------------------------ KV cache
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
+        """Zeroed cache: one ``{"k", "v"}`` dict of ``[batch, max_len, K, D]`` per layer."""
+        c = self.config
+        dt = jnp.dtype(dtype or c.dtype)
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(c.num_layers)]
+
+    def decode(self, input_ids, positions, cache, cache_mask, index):
+        """Runs ``t`` new tokens against the cache (prefill when ``index == 0``).
+
+        Args:
+          input_ids: ``[B, t]`` new tokens, written at cache slots ``[index, index + t)``.
+          positions: ``[B, t]`` their positions (``cumsum(mask) - 1`` of the whole row).
+          cache: from ``init_cache``; ``S`` slots.
+          cache_mask: ``[B, S]`` 1 on slots holding real tokens (the new slots included).
+          index: int scalar (may be traced): first slot written.
+        Returns:
+          ``(out, cache)``: logits ``[B, t, V]`` (or scalars ``[B, t]``) and the updated cache.
+          Query at slot ``index + i`` attends slots ``s <= index + i`` with ``cache_mask[s] == 1``.
+        """
+        b, t = input_ids.shape
+        s = cache[0]["k"].shape[1]
+        index = jnp.asarray(index, jnp.int32)
+        x = self._embed(input_ids, positions)
+        cos, sin = self._rope(positions)
+        q_slots = index + jnp.arange(t)
+        k_slots = jnp.arange(s)
+        base = (cache_mask != 0)[:, None, :]
+        new_cache = []
+        masks: dict[int | None, jax.Array] = {}
+        for layer, lc in zip(self.layers, cache, strict=True):
+            w = layer.window
+            if w not in masks:
+                masks[w] = base & window_mask(q_slots, k_slots, w)[None]
+
+            def kv_fn(k, v, lc=lc):
+                ck = jax.lax.dynamic_update_slice(lc["k"], k.astype(lc["k"].dtype), (0, index, 0, 0))
+                cv = jax.lax.dynamic_update_slice(lc["v"], v.astype(lc["v"].dtype), (0, index, 0, 0))
+                return ck, cv, {"k": ck, "v": cv}
+
+            x, lc_new = layer(x, cos, sin, masks[w], kv_fn)
+            new_cache.append(lc_new)
+        return self._head(x), new_cache
+
+
+def count_params(params) -> int:
+    """Total number of scalars in a pytree of arrays / ``nnx.State`` / module."""
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params) if hasattr(x, "shape")))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) for a sequence of ``seq_len`` tokens.
+
+    ``6 * N + 6 * L * T * H * D``: ``N`` = non-embedding matmul parameters (input embedding lookup
+    excluded, the LM head / score matmul included) and the attention score + value matmuls
+    (``2 * 2 * L * T * H * D`` forward per token, counted without causal halving, as in PaLM).
+    Forward-only (generation) FLOPs are one third of this.
+    """
+    c = config
+    e, h, k, d, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    attn = e * h * d + 2 * e * k * d + h * d * e
+    mlp = (3 if c.mlp == "gated" else 2) * e * f
+    head = e * (1 if c.head == "scalar" else c.vocab_size)
+    n = c.num_layers * (attn + mlp) + head
+    return float(6 * n + 6 * c.num_layers * seq_len * h * d)

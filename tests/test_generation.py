@@ -336,3 +336,112 @@ def test_resharded_equals_not_resharded_on_8_devices(model):
     assert moved["q"]["kernel"].sharding.spec == P(None, "tensor")
     out = gen.make_sampler(graphdef, mesh=mesh, **kw)(moved, ids, mask, jax.random.key(2))
     np.testing.assert_array_equal(out.response_ids, ref.response_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real decoder (jaxrlhf.models) and the CLI
+# ----------------------------------------------------------------------------------------------
+
+TOKENIZERS = "tests/fixtures/tokenizers"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    models = pytest.importorskip("jaxrlhf.models")
+    return models.init("llama", seed=3, vocab_size=64)
+
+
+def test_llama_sampled_logprobs_equal_full_forward(llama):
+    """Sampling log-probs of the real KV-cached decoder == a full forward of the generated batch,
+    rows with different left padding (PPO's ratio == 1 at the first minibatch)."""
+    rng = np.random.default_rng(4)
+    lengths = [7, 2, 5, 1]
+    ids = np.zeros((4, 7), np.int32)
+    mask = np.zeros((4, 7), np.int32)
+    for r, n in enumerate(lengths):
+        ids[r, 7 - n :] = rng.integers(1, 64, n)
+        mask[r, 7 - n :] = 1
+    graphdef, params = nnx.split(llama)
+    temp = 0.7
+    s = gen.make_sampler(graphdef, max_new_tokens=6, pad_id=0, eos_ids=(5,), temperature=temp, top_k=40)
+    out = s(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(1))
+    batch = out.to_batch()
+    logits = llama(batch["input_ids"], batch["attention_mask"], batch["positions"]).astype(jnp.float32)
+    pred = logits[:, 6:-1]  # predicts the 6 response tokens
+    tok = out.response_ids[..., None]
+    want = jnp.take_along_axis(jax.nn.log_softmax(pred / temp, -1), tok, -1)[..., 0]
+    want1 = jnp.take_along_axis(jax.nn.log_softmax(pred, -1), tok, -1)[..., 0]
+    m = out.response_mask
+    np.testing.assert_allclose(out.logprobs * m, want * m, atol=1e-4)
+    np.testing.assert_allclose(out.model_logprobs * m, want1 * m, atol=1e-4)
+    ratio = jnp.exp((want - out.logprobs) * m)
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
+def test_llama_generation_layout_equal(llama):
+    models = pytest.importorskip("jaxrlhf.models")
+    ids, mask = left_padded([4, 2, 3, 1, 4, 4, 2, 3], 4, seed=6)
+    graphdef, params = nnx.split(llama)
+    kw = dict(max_new_tokens=4, pad_id=0, greedy=True)
+    ref = gen.make_sampler(graphdef, **kw)(params, ids, mask, jax.random.key(0))
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    train_sh = shd.named_shardings(mesh, models.partition_rules(llama.config), params)
+    s = gen.make_sampler(
+        graphdef,
+        mesh=mesh,
+        param_shardings=train_sh,
+        gen_param_shardings=gen.generation_shardings(train_sh),
+        **kw,
+    )
+    out = s(jax.device_put(params, train_sh), ids, mask, jax.random.key(0))
+    np.testing.assert_array_equal(out.response_ids, ref.response_ids)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+
+
+def test_cli_generate(tmp_path, capsys):
+    models = pytest.importorskip("jaxrlhf.models")
+    pytest.importorskip("transformers")
+    import json
+
+    from jaxrlhf import generate as cli
+
+    tok_dir = f"{TOKENIZERS}/char_chat"
+    model = models.init("llama", seed=0, vocab_size=101, eos_token_id=3, pad_token_id=1)
+    models.save_pretrained(model, str(tmp_path / "model"))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "hello", "id": 0},
+        {"prompt": "a longer prompt here", "id": 1},
+        {"prompt": [{"role": "user", "content": "hi"}], "id": 2},
+        {"prompt": "x", "id": 3},
+        {"prompt": "bye now", "id": 4},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        f"--model={tmp_path / 'model'}",
+        f"--tokenizer={tok_dir}",
+        f"--prompts={prompts}",
+        "--max_new_tokens=6",
+        "--batch_size=2",
+        "--temperature=0.9",
+        "--top_k=20",
+        "--top_p=0.95",
+        "--stop_ids=40,41",
+    ]
+    s1 = cli.main(args + [f"--out={tmp_path / 'a.jsonl'}"])
+    s2 = cli.main(args + [f"--out={tmp_path / 'b.jsonl'}", f"--stats={tmp_path / 'stats.json'}"])
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # seeded
+    assert [r["id"] for r in a] == [0, 1, 2, 3, 4] and a[2]["prompt"] == rows[2]["prompt"]
+    for r in a:
+        assert 1 <= r["completion_tokens"] <= 6 and isinstance(r["completion"], str)
+        assert r["finish_reason"] in ("stop", "length") and r["logprob"] <= 0
+        assert (r["finish_reason"] == "length") == (
+            r["completion_tokens"] == 6 and r["finish_reason"] != "stop"
+        )
+    assert s1["prompts"] == 5 and s1["batches"] == 3
+    assert s1["decode_tokens"] == sum(r["completion_tokens"] for r in a)
+    assert s1["prefill_tok_s"] > 0 and s1["decode_tok_s"] > 0
+    assert json.loads((tmp_path / "stats.json").read_text())["decode_tokens"] == s2["decode_tokens"]
+    assert '"decode_tok_s"' in capsys.readouterr().out

@@ -3,9 +3,9 @@
 Typical use (``config.data`` as in docs/data.md)::
 
     tok = data.load_tokenizer(config.tokenizer)
-    ds = data.build_dataset(config.data, tok, "preference", "train")
-    it = data.BatchIterator.from_config(ds, config.data, global_batch_size=64)
-    batch = next(it)            # this process's rows, dict of numpy arrays
+    train_ds, eval_ds = data.build_datasets(config.data, tok, "preference")
+    it = data.BatchIterator(train_ds, config.batch_size)   # seed/shuffle/bucket/packing from config.data
+    batch = next(it)            # this process's rows of the global batch, dict of numpy arrays
     state = it.get_state()      # store in the checkpoint; it.set_state(state) resumes
 """
 
@@ -13,8 +13,10 @@ from jaxrlhf.data.iterator import BatchIterator, pack_first_fit
 from jaxrlhf.data.schemas import ALL_SCHEMAS, SchemaError, detect_schema, split_hh
 from jaxrlhf.data.sources import (
     DATA_CONFIG_KEYS,
+    DATA_DEFAULTS,
     check_data_config,
     default_data_config,
+    has_eval,
     load_rows,
     load_tokenizer,
 )

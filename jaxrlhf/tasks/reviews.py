@@ -49,7 +49,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxrlhf.tasks import common
-from jaxrlhf.tasks.common import EOS, UNK, best_worst_pairs, write_preference_jsonl  # noqa: F401
+from jaxrlhf.tasks.common import UNK, best_worst_pairs, write_preference_jsonl
+
+__all__ = [
+    "best_worst_pairs", "build_tokenizer", "generate_reviews", "gold_details", "gold_score", "gold_scores",
+    "make_sft_examples", "review_prompts", "reward", "tokenizer_path", "vocabulary", "write_preference_jsonl",
+    "write_prompts_jsonl", "write_sft_jsonl",
+]  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary and lexicon

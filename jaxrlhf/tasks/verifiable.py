@@ -45,7 +45,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxrlhf.tasks import common
-from jaxrlhf.tasks.common import best_worst_pairs, write_preference_jsonl  # noqa: F401
+from jaxrlhf.tasks.common import best_worst_pairs, write_preference_jsonl
+
+__all__ = [
+    "best_worst_pairs", "check", "evaluate", "make_prompts", "make_sft_examples", "pass_at_k",
+    "pass_at_k_from_scores", "reward", "row_from_prompt", "vocabulary", "write_preference_jsonl",
+    "write_prompts_jsonl", "write_sft_jsonl",
+]  # fmt: skip
 
 MAX_NUMBER = 199
 TASKS = ("arith", "reverse", "sort", "max", "min", "fit")

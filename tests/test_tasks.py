@@ -59,6 +59,10 @@ def test_review_prompts_and_sft_examples():
     # Prompts come from another stream than the SFT reviews of the same seed.
     sft = reviews.make_sft_examples(300, seed=0)
     assert [r["prompt"] for r in sft] != prompts
+    held_out = reviews.review_prompts(300, seed=9, exclude=[r["prompt"] for r in sft])
+    assert not set(held_out) & {r["prompt"] for r in sft} and len(held_out) == 300
+    with pytest.raises(ValueError, match="outside `exclude`"):
+        reviews.review_prompts(3, seed=0, min_words=1, max_words=1, exclude=reviews.vocabulary())
     full = reviews.generate_reviews(300, seed=0)
     for row, text in zip(sft, full, strict=True):
         assert row["prompt"] + " " + row["completion"] == text
@@ -224,6 +228,12 @@ def test_verifiable_prompts_deterministic_varied_and_solvable():
             else:
                 assert r["tests"] == [] and verifiable.row_from_prompt(r["prompt"]) == r
     assert verifiable.make_prompts(2, 0, tasks=("max",))[0]["prompt"].startswith("max of ")
+    train = {r["prompt"] for r in verifiable.make_sft_examples(2000, seed=0)}
+    test = verifiable.make_prompts(500, seed=0, exclude=train)
+    assert len(test) == 500 and not {r["prompt"] for r in test} & train
+    every_max = {f"max of {a} {b} {c} =" for a in range(10) for b in range(10) for c in range(10)}
+    with pytest.raises(ValueError, match="outside `exclude`"):
+        verifiable.make_prompts(5, 0, tasks=("max",), exclude=every_max)
     with pytest.raises(ValueError, match="difficulty"):
         verifiable.make_prompts(2, 0, difficulty="trivial")
     with pytest.raises(ValueError, match="tasks"):

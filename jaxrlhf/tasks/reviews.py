@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -414,17 +414,35 @@ def make_sft_examples(
 
 
 def review_prompts(
-    n: int, seed: int = 0, min_words: int = 2, max_words: int = 5, sentiment_mix=(0.4, 0.4, 0.2)
+    n: int,
+    seed: int = 0,
+    min_words: int = 2,
+    max_words: int = 5,
+    sentiment_mix=(0.4, 0.4, 0.2),
+    exclude: Collection[str] = (),
 ) -> list[str]:
     """``n`` review openings: the first ``min_words..max_words`` words of generated reviews.
 
     An opening never reaches the end of the review's first sentence (so it never ends in "."). Uses a
     different stream than ``generate_reviews(n, seed)``, so prompts are not the openings of the SFT
-    reviews of the same seed.
+    reviews of the same seed. Openings in ``exclude`` (for example the SFT prompts) are skipped, which
+    makes a held-out prompt set; duplicates within the result are allowed.
     """
-    texts = generate_reviews(n, seed=f"prompts:{seed}", sentiment_mix=sentiment_mix)
-    rng = random.Random(f"reviews-prompts:{seed}")
-    return [_split_opening(rng, t, min_words, max_words)[0] for t in texts]
+    weights = _mix(sentiment_mix)
+    exclude = frozenset(" ".join(p.split()) for p in exclude)
+    rng = random.Random(f"reviews:prompts:{seed}")
+    split_rng = random.Random(f"reviews-prompts:{seed}")
+    out: list[str] = []
+    for _ in range(1000 + 100 * n):
+        if len(out) == n:
+            break
+        review = " ".join(_review(rng, rng.choices(SENTIMENTS, weights)[0]))
+        prompt = _split_opening(split_rng, review, min_words, max_words)[0]
+        if prompt not in exclude:
+            out.append(prompt)
+    if len(out) < n:
+        raise ValueError(f"review_prompts: found only {len(out)} of {n} openings outside `exclude`")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

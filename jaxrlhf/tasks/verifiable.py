@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -247,7 +247,28 @@ def _check_args(difficulty: str, tasks: Sequence[str]) -> None:
         raise ValueError(f"tasks {list(tasks)}: expected a non-empty subset of {TASKS}")
 
 
-def make_prompts(n: int, seed: int = 0, difficulty: str = "easy", tasks: Sequence[str] = TASKS) -> list[dict]:
+def _rows(
+    rng: random.Random, n: int, difficulty: str, tasks: Sequence[str], exclude: Collection[str]
+) -> list[dict]:
+    _check_args(difficulty, tasks)
+    exclude = frozenset(" ".join(p.split()) for p in exclude)
+    out: list[dict] = []
+    for _ in range(1000 + 100 * n):
+        if len(out) == n:
+            return out
+        row = _row(rng, rng.choice(tuple(tasks)), difficulty)
+        if row["prompt"] not in exclude:
+            out.append(row)
+    raise ValueError(f"found only {len(out)} of {n} {difficulty} prompts outside `exclude`")
+
+
+def make_prompts(
+    n: int,
+    seed: int = 0,
+    difficulty: str = "easy",
+    tasks: Sequence[str] = TASKS,
+    exclude: Collection[str] = (),
+) -> list[dict]:
     """``n`` prompt rows ``{"prompt", "task", "answer", "tests"}`` (see the module docstring).
 
     Args:
@@ -258,10 +279,10 @@ def make_prompts(n: int, seed: int = 0, difficulty: str = "easy", tasks: Sequenc
         numbers <= 19, a <= 4, 2 shown of 5 tests) or ``"hard"`` (3-4 operands with parentheses,
         lists of 5-7 numbers <= 49, also ``x*x+b`` and ``a*(x+b)``, 3 shown of 6 tests).
       tasks: task names drawn uniformly per row.
+      exclude: prompts to skip (for example the SFT prompts, for a held-out set); duplicates within
+        the result are allowed (the easy space is small: about 60% of 5000 easy prompts are distinct).
     """
-    _check_args(difficulty, tasks)
-    rng = random.Random(f"verifiable-prompts:{difficulty}:{seed}")
-    return [_row(rng, rng.choice(tuple(tasks)), difficulty) for _ in range(n)]
+    return _rows(random.Random(f"verifiable-prompts:{difficulty}:{seed}"), n, difficulty, tasks, exclude)
 
 
 def _wrong_answer(rng: random.Random, row: dict) -> str:
@@ -319,7 +340,12 @@ def _left_to_right(ws: Sequence[str]) -> int:
 
 
 def make_sft_examples(
-    n: int, seed: int = 0, noise: float = 0.0, difficulty: str = "easy", tasks: Sequence[str] = TASKS
+    n: int,
+    seed: int = 0,
+    noise: float = 0.0,
+    difficulty: str = "easy",
+    tasks: Sequence[str] = TASKS,
+    exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` SFT rows: ``make_prompts`` rows plus ``completion`` and ``correct``.
 
@@ -328,6 +354,7 @@ def make_sft_examples(
         arithmetic, an off-by-one, the input copied, the other extreme, a neighbouring program), so
         that SFT gives a mediocre policy that RL can improve. Exactly ``round(noise * n)`` rows are
         wrong, at random positions.
+      difficulty, tasks, exclude: as in ``make_prompts``.
 
     Returns:
       ``[{"prompt", "completion", "task", "answer", "tests", "correct"}]``; ``completion`` has no
@@ -335,9 +362,8 @@ def make_sft_examples(
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise={noise}: must be in [0, 1]")
-    _check_args(difficulty, tasks)
     rng = random.Random(f"verifiable-sft:{difficulty}:{seed}")
-    rows = [_row(rng, rng.choice(tuple(tasks)), difficulty) for _ in range(n)]
+    rows = _rows(rng, n, difficulty, tasks, exclude)
     wrong = set(rng.sample(range(n), round(noise * n)))
     for i, row in enumerate(rows):
         row["correct"] = i not in wrong

@@ -40,21 +40,23 @@ def pack_first_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> lis
     First-fit decreasing: longest first, each into the first open bin with room. Returns a list
     of bins, each a list of example indices in packing order.
     """
+    order = np.asarray(order, np.int64)
+    if len(order) and int(lengths[order].max()) > capacity:
+        i = int(order[np.argmax(lengths[order])])
+        raise ValueError(f"example {i} has {int(lengths[i])} tokens > packing capacity {capacity}")
     bins: list[list[int]] = []
-    room: list[int] = []
-    by_len = sorted(order.tolist(), key=lambda i: (-int(lengths[i]), i))
-    for i in by_len:
+    room = np.zeros(len(order), np.int64)  # room left in each open bin (at most one bin per item)
+    for i in order[np.lexsort((order, -lengths[order]))].tolist():
         n = int(lengths[i])
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens > packing capacity {capacity}")
-        for b, r in enumerate(room):
-            if n <= r:
-                bins[b].append(i)
-                room[b] -= n
-                break
+        fits = np.flatnonzero(room[: len(bins)] >= n)
+        if len(fits):
+            b = int(fits[0])
+            bins[b].append(i)
         else:
+            b = len(bins)
             bins.append([i])
-            room.append(capacity - n)
+            room[b] = capacity
+        room[b] -= n
     return bins
 
 

@@ -277,7 +277,17 @@ def test_verifiable_check_fit_fraction_of_tests():
     assert check(row, "x * x - x + 3") == 0.5  # fits the shown examples, fails the hidden ones
     assert check(row, "1") == 0.25
     assert check(row, "- 1 + 2 * ( x + 1 )") == 1.0  # unary minus
-    for bad in ("", "2 * x +", "( x + 1", "x y", "2 x", "x ) (", "<unk>", "( " * 40 + "x" + " )" * 40):
+    for bad in (
+        "",
+        "2 * x +",
+        "( x + 1",
+        "x y",
+        "2 x",
+        "x ) (",
+        "<unk>",
+        "( " * 20 + "x" + " )" * 20,
+        "x +" * 40 + " 1",
+    ):
         assert check(row, bad) == 0.0, bad
     with pytest.raises(ValueError, match="without tests"):
         check({**row, "tests": []}, "x")

@@ -34,6 +34,8 @@ def test_reviews_deterministic_varied_and_in_grammar():
     details = [reviews.gold_details(t) for t in a]
     assert all(d["n_unlicensed"] == 0 and d["n_unk"] == 0 for d in details)
     assert np.mean([d["repeat_frac"] for d in details]) < 0.03
+    short = reviews.generate_reviews(100, seed=3, min_words=10, max_words=12)
+    assert all(10 <= len(t.split()) <= 12 for t in short)
 
 
 def test_reviews_sentiment_mix_controls_gold_score():

@@ -319,19 +319,20 @@ def _sentence(rng: random.Random, target: int, first: bool) -> list[str]:
 
 
 def _review(rng: random.Random, sentiment: str, min_words: int = 10, max_words: int = 40) -> list[str]:
+    """Sentences appended until a drawn target length is reached, never exceeding ``max_words``."""
     target = {"positive": 1, "negative": -1, "mixed": 0}[sentiment]
-    length = rng.randint(min_words, max_words)
-    out: list[str] = []
-    for _ in range(100):
-        sent = _sentence(rng, target, first=not out)
-        if len(out) + len(sent) <= max_words:
-            out += sent
-        if len(out) >= length or (len(out) >= min_words and len(out) + 4 > max_words):
-            break
-    if len(out) < min_words:  # pad with short neutral sentences (rare)
-        while len(out) < min_words:
-            out += rng.choice(NEUTRAL_CLAUSES).split() + ["."]
-    return out
+    for _ in range(1000):
+        length = rng.randint(min_words, max_words)
+        out: list[str] = []
+        for _ in range(100):
+            sent = _sentence(rng, target, first=not out)
+            if len(out) + len(sent) <= max_words:
+                out += sent
+            if len(out) >= length or (len(out) >= min_words and len(out) + 4 > max_words):
+                break
+        if min_words <= len(out) <= max_words:
+            return out
+    raise ValueError(f"could not write a review of {min_words}..{max_words} words; widen the bounds")
 
 
 def _mix(sentiment_mix) -> list[float]:

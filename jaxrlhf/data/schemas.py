@@ -198,7 +198,8 @@ def normalize(row: dict, schema: str) -> dict:
         prior, response = _response_of(_get(row, key), key)
         if prior:
             context = _as_messages(context) + prior
-        return {"context": context, "response": response, "extras": {**extras, "completion": response}}
+        return {"context": context, "response": response, "response_key": key,
+                "extras": {**extras, "completion": response}}  # fmt: skip
     if schema == "messages":
         messages = _check_messages(_get(row, "messages"), "messages")
         if messages[-1]["role"] == "assistant":

@@ -427,18 +427,18 @@ class _Builder:
             return
         if self.kind == "sft":
             if "chosen" in rec:
-                halves = (("response", rec["chosen"]),)
+                halves = (("response", rec["chosen"], "chosen"),)
             elif rec["response"] is None:
                 self.drop(row, "schema_error", "messages", "no final assistant message to train on")
                 return
             else:
-                halves = (("response", rec["response"]),)
+                key = rec.get("response_key", {"text": "text"}.get(self.schema, "messages"))
+                halves = (("response", rec["response"], key),)
         else:
-            halves = (("chosen", rec["chosen"]), ("rejected", rec["rejected"]))
-        key_of = {"response": "text" if self.schema == "text" else "completion"}
-        for half, answer in halves:
+            halves = (("chosen", rec["chosen"], "chosen"), ("rejected", rec["rejected"], "rejected"))
+        for half, answer, key in halves:
             if not str(answer).strip():
-                self.drop(row, "empty_response", key_of.get(half, half))
+                self.drop(row, "empty_response", key)
                 return
             text, ok = self.renderer.response(rec["context"], prompt_text, str(answer))
             if not ok:

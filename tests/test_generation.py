@@ -437,9 +437,8 @@ def test_cli_generate(tmp_path, capsys):
     for r in a:
         assert 1 <= r["completion_tokens"] <= 6 and isinstance(r["completion"], str)
         assert r["finish_reason"] in ("stop", "length") and r["logprob"] <= 0
-        assert (r["finish_reason"] == "length") == (
-            r["completion_tokens"] == 6 and r["finish_reason"] != "stop"
-        )
+        if r["finish_reason"] == "length":
+            assert r["completion_tokens"] == 6
     assert s1["prompts"] == 5 and s1["batches"] == 3
     assert s1["decode_tokens"] == sum(r["completion_tokens"] for r in a)
     assert s1["prefill_tok_s"] > 0 and s1["decode_tok_s"] > 0

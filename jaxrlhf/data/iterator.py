@@ -104,7 +104,7 @@ class BatchIterator:
         process_count: int | None = None,
         pad_id: int | None = None,
         padding_side: str = "right",
-        pad_to_multiple_of: int = 8,
+        pad_to_multiple_of: int = 64,
         fixed_length: bool = False,
         bucket_window: int = 8,
         repeat: bool = True,

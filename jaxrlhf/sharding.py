@@ -131,9 +131,9 @@ def named_shardings(mesh: Mesh, rules: Rules, tree: Any) -> Any:
     )
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: leading axis over ``("data", "fsdp")``, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch array of any rank: leading axis over ``("data", "fsdp")``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -150,7 +150,7 @@ def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Ar
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        sharding = batch_sharding(mesh, max(v.ndim, 1))
+        sharding = batch_sharding(mesh)
         if jax.process_count() == 1:
             out[k] = jax.device_put(v, sharding)
         else:

@@ -1,0 +1,30 @@
+r"""Tiny DPO on the fixture prompt/chosen/rejected pairs (tests and smoke runs).
+
+Command:
+  python -m jaxrlhf.train --config=configs/tiny/dpo.py --workdir=/tmp/tiny_dpo
+
+Expected result: 20 steps in well under a minute on 2 CPU cores; dpo_loss falls from 0.693 and
+rewards/accuracy rises above 0.5.
+"""
+
+from jaxrlhf import config_defaults as d
+
+
+def get_config():
+    c = d.base("dpo")
+    c.model = d.model(**d.TINY_LLAMA)
+    c.model.dtype = "float32"
+    c.tokenizer = "tests/fixtures/tokenizers/char_pad_eos"
+    c.data = d.data(
+        path="tests/fixtures/data/pref_prompt_chosen_rejected.jsonl", max_prompt_length=48, max_length=160
+    )
+    c.batch_size = 4
+    c.total_steps = 20
+    c.pad_to_multiple_of = 160  # one batch shape, one compile
+    c.optim = d.optim(lr=1e-3, warmup_steps=2)
+    c.ref = d.ref(ema_decay=1.0)
+    c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
+    c.checkpoint.every = 10
+    c.log_every = 5
+    c.progress_bar = False
+    return c

@@ -1,0 +1,30 @@
+r"""Tiny Bradley-Terry reward model on the fixture HH-RLHF transcripts (tests and smoke runs).
+
+Command:
+  python -m jaxrlhf.train --config=configs/tiny/reward.py --workdir=/tmp/tiny_rm
+
+Expected result: 20 steps in well under a minute on 2 CPU cores; bt_loss falls from ~0.69.
+"""
+
+from jaxrlhf import config_defaults as d
+
+
+def get_config():
+    c = d.base("reward")
+    c.model = d.model(**d.TINY_LLAMA)
+    c.model.dtype = "float32"
+    c.tokenizer = "tests/fixtures/tokenizers/char_pad_eos"
+    c.data = d.data(
+        path="tests/fixtures/data/hh_rlhf.jsonl", eval_fraction=0.25, max_prompt_length=192, max_length=320
+    )
+    c.batch_size = 4
+    c.total_steps = 20
+    c.pad_to_multiple_of = 320  # one batch shape, one compile
+    c.eval_every = 10
+    c.eval_batches = 2
+    c.optim = d.optim(lr=1e-3, warmup_steps=2)
+    c.reward = dict(use_margin=False)
+    c.checkpoint.every = 10
+    c.log_every = 5
+    c.progress_bar = False
+    return c

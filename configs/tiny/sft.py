@@ -1,0 +1,27 @@
+r"""Tiny SFT (tests and smoke runs): a 2-layer Llama from scratch on the fixture prompt/completion data.
+
+Command:
+  python -m jaxrlhf.train --config=configs/tiny/sft.py --workdir=/tmp/tiny_sft
+
+Expected result: runs 20 steps in well under a minute on 2 CPU cores; the NLL falls from ~4.6.
+"""
+
+from jaxrlhf import config_defaults as d
+
+
+def get_config():
+    c = d.base("sft")
+    c.model = d.model(**d.TINY_LLAMA)
+    c.model.dtype = "float32"
+    c.tokenizer = "tests/fixtures/tokenizers/char_pad_eos"
+    c.data = d.data(
+        path="tests/fixtures/data/sft_prompt_completion.jsonl", max_prompt_length=48, max_length=160
+    )
+    c.batch_size = 8
+    c.total_steps = 20
+    c.pad_to_multiple_of = 160  # one batch shape, one compile
+    c.optim = d.optim(lr=3e-3, warmup_steps=2)
+    c.checkpoint.every = 10
+    c.log_every = 5
+    c.progress_bar = False
+    return c

@@ -1,0 +1,1 @@
+"""The functional training core: ``TrainState``, optimizers, per-algorithm steps, checkpoints."""

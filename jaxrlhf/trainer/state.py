@@ -1,0 +1,47 @@
+"""``TrainState``: the whole mutable state of a run as one explicit pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes.
+
+    Attributes:
+      step: int32 scalar, number of steps taken (skipped non-finite steps included).
+      params: the trained parameters (pure dict, float32 master copy).
+      opt_state: the optax state of ``params``.
+      ref_params: the reference policy (EMA of ``params`` or frozen), or ``None`` when the
+        algorithm has no reference (SFT, reward model).
+      rng: a PRNG key, split inside the step.
+      skipped: int32 scalar, number of steps skipped for a non-finite loss or gradient.
+      consecutive_skips: int32 scalar, skips in a row (reset by a finite step).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ref_params: Any
+    rng: jax.Array
+    skipped: jax.Array
+    consecutive_skips: jax.Array
+
+
+def create(params: Any, tx, *, ref_params: Any = None, rng: jax.Array) -> TrainState:
+    """A fresh state at step 0 (jit this with ``out_shardings`` to create it sharded)."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        ref_params=ref_params,
+        rng=rng,
+        skipped=zero,
+        consecutive_skips=zero,
+    )

@@ -127,6 +127,14 @@ def test_process_shards_disjoint_and_complete(sft, count, mode):
             assert len(set(ids)) == len(ids)
 
 
+def test_preference_shards_disjoint_and_complete(pref):
+    whole = _take(_it(pref, B=4, bucket=True), 12)
+    parts = [_take(_it(pref, B=4, bucket=True, process_index=p, process_count=2), 12) for p in range(2)]
+    for step, full in enumerate(whole):
+        for k in full:
+            np.testing.assert_array_equal(np.concatenate([p[step][k] for p in parts]), full[k], err_msg=k)
+
+
 def test_prompt_shards_and_index(prompts):
     it = [_it(prompts, B=8, process_index=p, process_count=2) for p in range(2)]
     for _ in range(3):

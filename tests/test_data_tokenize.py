@@ -408,3 +408,29 @@ def test_schema_detection_and_errors(toks):
     # SFT on a preference dataset trains on the chosen response.
     ds = data.tokenize_rows([{"prompt": "Q", "chosen": " a", "rejected": " b"}], cfg(), tok, "sft")
     assert ds.ids[0].tolist() == spell(tok, "Q", " a", "</s>")
+
+
+def test_template_with_bos_text_gives_one_bos():
+    # Llama-3 style: the template writes the BOS text and the tokenizer also adds BOS.
+    tok = data.load_tokenizer(os.path.join(TOK_DIR, "char_bos"))
+    tok.chat_template = (
+        "<s>{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ds = data.tokenize_rows([{"messages": msgs}], cfg(max_prompt_length=24, max_length=40), tok, "sft")
+    assert ds.ids[0].tolist() == spell(tok, "<s>", "[user]hi[assistant]", "yo", "</s>")
+    assert ds.prompt_lens[0] == 20 and not ds.edit_stats
+
+
+def test_template_prefix_mismatch_counted():
+    # A template whose prompt rendering is not a prefix of the full conversation's rendering.
+    tok = data.load_tokenizer(os.path.join(TOK_DIR, "char_chat"))
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}"
+        "{% if add_generation_prompt %}NEXT:{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ds = data.tokenize_rows([{"messages": msgs}], cfg(), tok, "sft")
+    assert ds.edit_stats.examples["template_prefix_mismatch"] == [(0, "response")]
+    assert ds.ids[0].tolist() == spell(tok, "user:hi;NEXT:", "yo", "<|im_end|>")

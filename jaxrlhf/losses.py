@@ -1,0 +1,814 @@
+"""Functional loss kernels for language-model alignment: arrays in, arrays out.
+
+Every function here is pure (no model, no config), jittable and differentiable. Maths runs in
+float32 whatever the input dtype (bfloat16 logits in, float32 out; float64 stays float64 under
+``jax.enable_x64``). Per-token losses are returned **unreduced**; reduce them explicitly with
+:func:`aggregate_loss` (token-mean, sequence-mean or sequence-sum), which also accepts a global
+denominator so that gradient accumulation over micro-batches gives the full-batch numbers.
+
+Masks are ``1`` (or any non-zero weight) on valid entries and ``0`` elsewhere. Masked slots never
+influence a result: they are selected away with ``jnp.where`` before any arithmetic, so padding
+that holds garbage, ``inf`` or ``NaN`` cannot leak into means, whitening or GAE.
+
+API (shapes: ``B`` batch, ``T`` time, ``V`` vocabulary):
+
+Log-probabilities
+  - :func:`token_logprobs` ``(logits[B,T,V], labels[B,T]) -> [B,T]``
+  - :func:`shifted_logprobs` ``(logits[B,T,V], input_ids[B,T], loss_mask[B,T]) -> ([B,T-1], [B,T-1])``
+  - :func:`sequence_logps` ``(logps[B,T], mask[B,T]) -> [B]``
+  - :func:`entropy_from_logits` ``(logits[B,T,V]) -> [B,T]``
+
+Masked reductions
+  - :func:`masked_mean` ``(x, mask, axis=None)``
+  - :func:`masked_whiten` ``(x, mask, shift_mean=True, eps=1e-8)``
+  - :func:`aggregate_loss` ``(per_token[B,T], mask[B,T], mode, global_denominator) -> []``
+  - :func:`loss_denominator` ``(mask[B,T], mode) -> []``
+
+Preference losses
+  - :func:`bradley_terry_loss` ``(chosen_rewards[B], rejected_rewards[B], margin) -> [B]``
+  - :func:`dpo_loss` ``(pi_c[B], pi_r[B], ref_c[B], ref_r[B], beta, label_smoothing, loss_type) -> [B]``
+  - :func:`dpo_implicit_rewards` ``(policy_logps[B], ref_logps[B], beta) -> [B]``
+
+PPO
+  - :func:`gae` ``(rewards[B,T], values[B,T], mask[B,T], gamma, lam) -> (advantages, returns)``
+  - :func:`kl_penalty` ``(logprobs[B,T], ref_logprobs[B,T], estimator) -> [B,T]``
+  - :func:`ppo_policy_loss` ``(logprobs, old_logprobs, advantages, clip_eps) -> [B,T]``
+  - :func:`ppo_value_loss` ``(values, old_values, returns, clip_eps) -> [B,T]``
+  - :func:`ema_update` ``(ref_params, params, decay) -> pytree``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "aggregate_loss",
+    "bradley_terry_loss",
+    "dpo_implicit_rewards",
+    "dpo_loss",
+    "ema_update",
+    "entropy_from_logits",
+    "gae",
+    "kl_penalty",
+    "loss_denominator",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sequence_logps",
+    "shifted_logprobs",
+    "token_logprobs",
+]
+
+AGGREGATION_MODES = ("token_mean", "seq_mean", "seq_sum")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _compute_dtype(*xs: Any) -> jnp.dtype:
+    """float32, or float64 when an array input is float64 (only under ``jax.enable_x64``).
+
+    Python scalars are weakly typed and never widen the result.
+    """
+    dtype = jnp.dtype(jnp.float32)
+    for x in xs:
+        if isinstance(x, bool | int | float):
+            continue
+        d = jnp.result_type(x)
+        if jnp.issubdtype(d, jnp.floating):
+            dtype = jnp.promote_types(dtype, d)
+    return dtype
+
+
+def _up(x: Any, dtype: jnp.dtype | None = None) -> jax.Array:
+    """``x`` as a float array of at least float32 precision."""
+    x = jnp.asarray(x)
+    return x.astype(dtype if dtype is not None else _compute_dtype(x))
+
+
+def _valid(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Boolean validity of ``mask`` broadcast to ``shape`` (non-zero = valid)."""
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask != 0, shape)
+    except ValueError as e:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to values of shape {shape}") from e
+
+
+def _weights(mask: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """(valid bool, weight) broadcast to ``shape``; the weight is 0 wherever invalid."""
+    valid = _valid(mask, shape)
+    weight = jnp.where(valid, jnp.broadcast_to(jnp.asarray(mask).astype(dtype), shape), 0)
+    return valid, weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities
+# ----------------------------------------------------------------------------------------------
+def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    r"""Log-probability of each label under the softmax of its logits.
+
+    .. math::
+        \log p(y_t) = z_{t, y_t} - \log \sum_{v} \exp z_{t, v}
+
+    The label logit is gathered with ``take_along_axis`` and the normaliser is a float32
+    ``logsumexp``, so no full float32 log-softmax copy of ``[B, T, V]`` is built. Stable for
+    logits of any magnitude (e.g. ``±1e4``).
+
+    Args:
+      logits: ``[..., V]`` unnormalised scores, any float dtype (e.g. ``[B, T, V]`` bfloat16).
+      labels: ``[...]`` integer ids in ``[0, V)``. Out-of-range ids (e.g. ``-100`` or a pad id on
+        masked positions) are clipped into range, so they give a finite, meaningless value that
+        the caller masks.
+
+    Returns:
+      ``[...]`` float32 log-probabilities (``<= 0``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> logits = jnp.log(jnp.array([[[0.25, 0.75], [0.5, 0.5]]]))  # [B=1, T=2, V=2]
+      >>> print(np.asarray(jnp.exp(losses.token_logprobs(logits, jnp.array([[1, 0]])))).round(4))
+      [[0.75 0.5 ]]
+
+    References:
+      The standard language-modelling likelihood (cf.
+      ``optax.softmax_cross_entropy_with_integer_labels``).
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"token_logprobs: logits {logits.shape} must be labels {labels.shape} + [V]")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"token_logprobs: labels must be integer ids, got dtype {labels.dtype}")
+    dtype = _compute_dtype(logits)
+    labels = jnp.clip(labels, 0, logits.shape[-1] - 1)
+    # Centre on the row max (exact in any dtype) so that a large logit loses no precision in the
+    # subtraction: log p = (z_y - m) - log sum exp(z - m). The gradient does not flow through m.
+    m = jnp.max(logits, axis=-1, keepdims=True).astype(dtype)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1).astype(dtype) - m
+    # The upcast fuses into the reduction under jit; no [.., V] float32 copy is kept.
+    lse = jnp.log(jnp.sum(jnp.exp(logits.astype(dtype) - m), axis=-1))
+    return label_logits[..., 0] - lse
+
+
+def shifted_logprobs(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    r"""Next-token log-probabilities of a sequence batch, masked by the loss mask.
+
+    .. math::
+        \ell_t = \log p(x_{t+1} \mid x_{\le t}) \cdot m_{t+1}, \quad t = 0 \dots T-2
+
+    i.e. ``token_logprobs(logits[:, :-1], input_ids[:, 1:])`` with the mask ``loss_mask[:, 1:]``
+    (the token at ``t + 1`` is predicted from position ``t``; see docs/DESIGN.md). Masked
+    positions hold exactly 0, so a plain sum over time is the sequence log-likelihood.
+
+    Args:
+      logits: ``[B, T, V]`` model outputs for ``input_ids``.
+      input_ids: ``[B, T]`` integer token ids.
+      loss_mask: ``[B, T]`` 1 on the tokens the loss predicts, 0 on prompt and padding.
+
+    Returns:
+      ``(logps, mask)``: ``logps [B, T-1]`` float32 (0 where masked) and ``mask [B, T-1]``
+      (``loss_mask[:, 1:]``, same dtype as ``loss_mask``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> logits = jnp.zeros((1, 3, 4))  # uniform over V=4
+      >>> logps, mask = losses.shifted_logprobs(logits, jnp.array([[0, 1, 2]]), jnp.array([[0, 0, 1]]))
+      >>> print(np.asarray(logps).round(4), mask)
+      [[ 0.     -1.3863]] [[0 1]]
+    """
+    logits = jnp.asarray(logits)
+    input_ids = jnp.asarray(input_ids)
+    loss_mask = jnp.asarray(loss_mask)
+    if logits.ndim != 3 or input_ids.shape != logits.shape[:2] or loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            "shifted_logprobs: expected logits [B,T,V], input_ids [B,T], loss_mask [B,T]; got "
+            f"logits {logits.shape}, input_ids {input_ids.shape}, loss_mask {loss_mask.shape}"
+        )
+    mask = loss_mask[:, 1:]
+    logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return jnp.where(mask != 0, logps, 0.0), mask
+
+
+def sequence_logps(logps: jax.Array, mask: jax.Array) -> jax.Array:
+    r"""Sum of the masked per-token log-probabilities of each sequence.
+
+    .. math::
+        \log \pi(y \mid x) = \sum_t m_t \, \ell_t
+
+    Args:
+      logps: ``[B, T]`` per-token log-probabilities.
+      mask: ``[B, T]`` 1 on response tokens, 0 elsewhere (masked slots may hold anything).
+
+    Returns:
+      ``[B]`` float32 sequence log-probabilities (as used by DPO).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(losses.sequence_logps(jnp.array([[-1.0, -2.0, jnp.nan]]), jnp.array([[1, 1, 0]])))
+      [-3.]
+    """
+    logps = _up(logps)
+    _, w = _weights(mask, logps.shape, logps.dtype)
+    return jnp.sum(jnp.where(w != 0, logps, 0) * w, axis=-1)
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+    r"""Entropy of the softmax distribution of each row of logits.
+
+    .. math::
+        H_t = \log \sum_v e^{z_{t,v}} - \sum_v p_{t,v} z_{t,v}, \qquad p_t = \mathrm{softmax}(z_t)
+
+    Computed in float32 on max-centred logits (stable for ``±1e4``; ``-inf`` logits allowed).
+
+    Args:
+      logits: ``[..., V]`` (e.g. ``[B, T, V]``), any float dtype.
+
+    Returns:
+      ``[...]`` float32 entropies in nats, in ``[0, log V]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(np.asarray(losses.entropy_from_logits(jnp.zeros((1, 1, 4)))).round(4))  # log 4
+      [[1.3863]]
+    """
+    z = _up(logits)
+    zmax = jnp.max(jnp.where(jnp.isfinite(z), z, -jnp.inf), axis=-1, keepdims=True)
+    z = z - jax.lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0))
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    p = jnp.exp(z - lse)
+    pz = p * jnp.where(p > 0, z, 0)  # 0 * -inf would be NaN
+    return jnp.maximum(lse[..., 0] - jnp.sum(pz, axis=-1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked reductions
+# ----------------------------------------------------------------------------------------------
+def masked_mean(x: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    r"""Mean of the valid entries of ``x``; the denominator is clamped at 1.
+
+    .. math::
+        \mathrm{mean}(x; m) = \frac{\sum x \, m}{\max(\sum m, 1)}
+
+    Masked entries are selected away before multiplying, so ``NaN``/``inf`` there is harmless.
+
+    Args:
+      x: ``[...]`` values.
+      mask: broadcastable to ``x``; 1 (or a weight) on valid entries, 0 elsewhere.
+      axis: axis or axes to reduce; ``None`` reduces everything.
+
+    Returns:
+      float32 array of ``x``'s shape with ``axis`` removed (a scalar for ``axis=None``); 0 where
+      nothing is valid.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> x = jnp.array([[1.0, 3.0, jnp.nan], [jnp.inf, 0.0, 0.0]])
+      >>> m = jnp.array([[1, 1, 0], [0, 0, 0]])
+      >>> print(losses.masked_mean(x, m), losses.masked_mean(x, m, axis=1))
+      2.0 [2. 0.]
+    """
+    x = _up(x)
+    valid, w = _weights(mask, x.shape, x.dtype)
+    num = jnp.sum(jnp.where(valid, x, 0) * w, axis=axis)
+    den = jnp.sum(w, axis=axis)
+    return num / jnp.maximum(den, 1)
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    r"""Normalise the valid entries of ``x`` to zero mean and unit variance over the whole batch.
+
+    .. math::
+        \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \;(+\, \mu \text{ if not shift\_mean}),
+        \quad \mu = \mathrm{mean}(x; m), \quad \sigma^2 = \mathrm{mean}((x - \mu)^2; m)
+
+    ``μ`` and the *population* variance ``σ²`` are taken over every valid entry of the whole array
+    (not per row), as PPO advantage normalisation does. Masked outputs are 0; an all-masked input
+    gives all zeros (no ``NaN``).
+
+    Args:
+      x: ``[...]`` values (e.g. advantages ``[B, T]``).
+      mask: broadcastable to ``x``; 1 on valid entries, 0 elsewhere.
+      shift_mean: if False, add ``μ`` back (rescale only, keep the mean).
+      eps: added to the variance under the square root.
+
+    Returns:
+      float32 array of ``x``'s shape; 0 where masked.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> x = jnp.array([[1.0, 3.0, 99.0]])
+      >>> print(np.asarray(losses.masked_whiten(x, jnp.array([[1, 1, 0]]))).round(4))
+      [[-1.  1.  0.]]
+
+    References:
+      Engstrom et al. 2020, "Implementation Matters in Deep Policy Gradients" (advantage
+      normalisation); Xu et al. 2024, "Is DPO Superior to PPO for LLM Alignment?" (ICML).
+    """
+    x = _up(x)
+    valid = _valid(mask, x.shape)
+    mean = masked_mean(x, mask)
+    centred = jnp.where(valid, x - mean, 0)
+    var = masked_mean(centred * centred, mask)
+    out = centred * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(valid, out, 0)
+
+
+def loss_denominator(mask: jax.Array, mode: str = "token_mean") -> jax.Array:
+    r"""The local denominator :func:`aggregate_loss` uses for ``mode`` (before clamping at 1).
+
+    ``token_mean``: the number (total weight) of valid tokens; ``seq_mean`` / ``seq_sum``: the
+    number of rows with at least one valid token. Summed over the micro-batches of a step (or
+    ``psum``-ed over devices) it is the ``global_denominator`` that makes gradient accumulation
+    exact.
+
+    Args:
+      mask: ``[B, T]`` loss mask.
+      mode: one of ``"token_mean"``, ``"seq_mean"``, ``"seq_sum"``.
+
+    Returns:
+      float32 scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> m = jnp.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]])
+      >>> print(losses.loss_denominator(m, "token_mean"), losses.loss_denominator(m, "seq_mean"))
+      4.0 2.0
+    """
+    _check_mode(mode)
+    mask = jnp.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"loss_denominator: mask must be [B, T], got shape {mask.shape}")
+    w = jnp.where(mask != 0, _up(mask), 0)
+    if mode == "token_mean":
+        return jnp.sum(w)
+    return jnp.sum(jnp.any(mask != 0, axis=-1)).astype(w.dtype)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"aggregation mode must be one of {AGGREGATION_MODES}, got {mode!r}")
+
+
+def aggregate_loss(
+    per_token: jax.Array,
+    mask: jax.Array,
+    mode: str = "token_mean",
+    global_denominator: jax.Array | float | None = None,
+) -> jax.Array:
+    r"""Reduce a per-token loss ``[B, T]`` to a scalar: token-mean, sequence-mean or sequence-sum.
+
+    .. math::
+        \text{token\_mean} = \frac{\sum_{b,t} m_{bt} \ell_{bt}}{D_{tok}}, \quad
+        \text{seq\_mean} = \frac{1}{D_{seq}} \sum_{b} \frac{\sum_t m_{bt} \ell_{bt}}{\sum_t m_{bt}},
+        \quad \text{seq\_sum} = \frac{1}{D_{seq}} \sum_{b} \sum_t m_{bt} \ell_{bt}
+
+    ``D_tok`` is the number of valid tokens and ``D_seq`` the number of rows with at least one
+    valid token (rows with none contribute nothing), both clamped at 1 — or, when given,
+    ``global_denominator``. For gradient accumulation pass the *global* denominator of the whole
+    step (the sum of :func:`loss_denominator` over its micro-batches) to every micro-batch and
+    **sum** the micro-batch losses: the result equals the full-batch value exactly, whatever the
+    split. Masked slots may hold ``NaN``/``inf``.
+
+    Args:
+      per_token: ``[B, T]`` unreduced loss (e.g. from :func:`ppo_policy_loss`).
+      mask: ``[B, T]`` 1 on valid tokens, 0 elsewhere.
+      mode: ``"token_mean"`` (every token weighs the same), ``"seq_mean"`` (every sequence weighs
+        the same; each is its token-mean) or ``"seq_sum"`` (mean over sequences of the per-sequence
+        sum, e.g. DPO-style sequence losses).
+      global_denominator: optional scalar replacing the local denominator (tokens for
+        ``token_mean``, sequences for the others); clamped at 1.
+
+    Returns:
+      float32 scalar.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> loss = jnp.array([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
+      >>> m = jnp.array([[1, 1, 0], [1, 0, 0]])
+      >>> for mode in ("token_mean", "seq_mean", "seq_sum"):
+      ...     print(mode, losses.aggregate_loss(loss, m, mode))
+      token_mean 3.0
+      seq_mean 3.5
+      seq_sum 4.5
+      >>> half = [losses.aggregate_loss(loss[i : i + 1], m[i : i + 1], global_denominator=3) for i in (0, 1)]
+      >>> print(sum(half))
+      3.0
+
+    References:
+      Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (the length
+      bias of sequence-mean aggregation).
+    """
+    _check_mode(mode)
+    x = _up(per_token)
+    if x.ndim != 2:
+        raise ValueError(f"aggregate_loss: per_token must be [B, T], got shape {x.shape}")
+    valid, w = _weights(mask, x.shape, x.dtype)
+    row_sum = jnp.sum(jnp.where(valid, x, 0) * w, axis=-1)  # [B]
+    if global_denominator is not None:
+        den = jnp.maximum(jnp.asarray(global_denominator, x.dtype), 1)
+    else:
+        den = jnp.maximum(loss_denominator(mask, mode).astype(x.dtype), 1)
+    if mode == "token_mean":
+        return jnp.sum(row_sum) / den
+    if mode == "seq_mean":
+        row_sum = row_sum / jnp.maximum(jnp.sum(w, axis=-1), 1)
+    return jnp.sum(row_sum) / den
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference losses
+# ----------------------------------------------------------------------------------------------
+def bradley_terry_loss(
+    chosen_rewards: jax.Array, rejected_rewards: jax.Array, margin: jax.Array | float = 0.0
+) -> jax.Array:
+    r"""Bradley-Terry negative log-likelihood that the chosen response beats the rejected one.
+
+    .. math::
+        \ell = -\log \sigma(r_c - r_r - m)
+
+    Uses ``jax.nn.log_sigmoid``, finite for reward gaps of any size (``±1e4``).
+
+    Args:
+      chosen_rewards: ``[B]`` scalar rewards of the chosen responses.
+      rejected_rewards: ``[B]`` scalar rewards of the rejected responses.
+      margin: scalar or ``[B]`` required margin (Llama 2); 0 gives the plain model.
+
+    Returns:
+      ``[B]`` float32 per-pair losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(np.asarray(losses.bradley_terry_loss(jnp.array([0.0, 2.0]), jnp.array([0.0, 1.0]))).round(4))
+      [0.6931 0.3133]
+
+    References:
+      Bradley & Terry 1952, "Rank Analysis of Incomplete Block Designs"; Ouyang et al. 2022,
+      "Training language models to follow instructions with human feedback"; Touvron et al. 2023
+      (Llama 2) for the margin.
+    """
+    dtype = _compute_dtype(chosen_rewards, rejected_rewards, margin)
+    gap = _up(chosen_rewards, dtype) - _up(rejected_rewards, dtype) - _up(margin, dtype)
+    return -jax.nn.log_sigmoid(gap)
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> jax.Array:
+    r"""Direct Preference Optimization loss per pair (sigmoid/conservative DPO or IPO).
+
+    With :math:`h = (\pi_c - \pi^{ref}_c) - (\pi_r - \pi^{ref}_r)` (sequence log-probabilities):
+
+    .. math::
+        \text{sigmoid:}\quad \ell = -(1 - \varepsilon) \log \sigma(\beta h)
+        - \varepsilon \log \sigma(-\beta h)
+
+        \text{ipo:}\quad \ell = \left(h - \frac{1}{2\beta}\right)^2
+
+    ``ε = label_smoothing`` is the conservative-DPO assumption that a fraction ``ε`` of labels is
+    flipped; ``ε = 0`` is plain DPO. IPO ignores nothing silently: a non-zero ``label_smoothing``
+    with ``loss_type="ipo"`` is an error. (IPO as published uses length-averaged log-probs; pass
+    those if you want that variant.) Finite for log-probs of any magnitude.
+
+    Args:
+      policy_chosen_logps: ``[B]`` policy log-probabilities of the chosen responses.
+      policy_rejected_logps: ``[B]`` policy log-probabilities of the rejected responses.
+      ref_chosen_logps: ``[B]`` reference log-probabilities of the chosen responses.
+      ref_rejected_logps: ``[B]`` reference log-probabilities of the rejected responses.
+      beta: inverse temperature (KL strength), ``> 0``.
+      label_smoothing: ``ε`` in ``[0, 0.5)``, sigmoid loss only.
+      loss_type: ``"sigmoid"`` or ``"ipo"``.
+
+    Returns:
+      ``[B]`` float32 per-pair losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> pc, pr, rc, rr = jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-2.0]), jnp.array([-2.0])
+      >>> print(np.asarray(losses.dpo_loss(pc, pr, rc, rr, beta=0.5)).round(4))  # -log sigmoid(0.5 * 2)
+      [0.3133]
+      >>> print(losses.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo"))  # (2 - 1)^2
+      [1.]
+
+    References:
+      Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+      Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO"
+      (conservative DPO); Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning
+      from Human Preferences" (IPO).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "ipo" and isinstance(label_smoothing, int | float) and label_smoothing != 0:
+        raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} has no meaning for loss_type='ipo'")
+    dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    pc, pr = _up(policy_chosen_logps, dtype), _up(policy_rejected_logps, dtype)
+    rc, rr = _up(ref_chosen_logps, dtype), _up(ref_rejected_logps, dtype)
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * beta))
+    eps = jnp.asarray(label_smoothing, dtype)
+    return -(1.0 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+
+
+def dpo_implicit_rewards(policy_logps: jax.Array, ref_logps: jax.Array, beta: float) -> jax.Array:
+    r"""DPO's implicit reward of each response.
+
+    .. math::
+        \hat r = \beta (\log \pi(y \mid x) - \log \pi_{ref}(y \mid x))
+
+    Differentiable; wrap in ``jax.lax.stop_gradient`` when used only as a metric (reward margin,
+    accuracy = mean of ``r_c > r_r``).
+
+    Args:
+      policy_logps: ``[B]`` policy sequence log-probabilities.
+      ref_logps: ``[B]`` reference sequence log-probabilities.
+      beta: the DPO ``β``.
+
+    Returns:
+      ``[B]`` float32 implicit rewards.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(np.asarray(losses.dpo_implicit_rewards(jnp.array([-1.0]), jnp.array([-3.0]), 0.1)).round(4))
+      [0.2]
+
+    References:
+      Rafailov et al. 2023, "Direct Preference Optimization", section 5.
+    """
+    dtype = _compute_dtype(policy_logps, ref_logps)
+    return beta * (_up(policy_logps, dtype) - _up(ref_logps, dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO
+# ----------------------------------------------------------------------------------------------
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Generalized Advantage Estimation over the valid tokens of each row.
+
+    .. math::
+        \delta_t = r_t + \gamma V_{next(t)} - V_t, \qquad A_t = \delta_t + \gamma\lambda A_{next(t)},
+        \qquad R_t = A_t + V_t
+
+    ``next(t)`` is the next *valid* token of the row (masked slots in between are skipped, so a
+    row may start after a prompt, end before padding, or even contain holes); after a row's last
+    valid token ``V = 0`` and ``A = 0`` (the episode terminates). Computed by one reverse
+    ``lax.scan`` over time. Advantages and returns are 0 where the mask is 0, and masked slots
+    may hold anything (``NaN`` included). Usually called under ``jax.lax.stop_gradient``.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (e.g. the score on the last token minus a KL penalty).
+      values: ``[B, T]`` value estimates ``V_t``.
+      mask: ``[B, T]`` 1 on the valid response tokens, 0 on prompt and padding.
+      gamma: discount ``γ``.
+      lam: GAE ``λ``.
+
+    Returns:
+      ``(advantages, returns)``, each ``[B, T]`` float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> r = jnp.array([[0.0, 0.0, 1.0, 0.0]])
+      >>> v = jnp.array([[9.0, 0.5, 0.5, 9.0]])
+      >>> m = jnp.array([[0, 1, 1, 0]])  # one prompt token, one padding token
+      >>> adv, ret = losses.gae(r, v, m, gamma=1.0, lam=1.0)
+      >>> print(adv, ret)
+      [[0.  0.5 0.5 0. ]] [[0. 1. 1. 0.]]
+
+    References:
+      Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+      Estimation".
+    """
+    dtype = _compute_dtype(rewards, values)
+    r, v = _up(rewards, dtype), _up(values, dtype)
+    if r.shape != v.shape or jnp.shape(mask) != r.shape:
+        raise ValueError(
+            f"gae: rewards {r.shape}, values {v.shape} and mask {jnp.shape(mask)} must share one shape"
+        )
+    valid = jnp.asarray(mask) != 0
+    r = jnp.where(valid, r, 0)
+    v = jnp.where(valid, v, 0)
+    gamma = jnp.asarray(gamma, dtype)
+    lam = jnp.asarray(lam, dtype)
+
+    def step(carry, xs):
+        next_value, next_adv = carry  # [...] of the next valid token (0 past the last one)
+        r_t, v_t, valid_t = xs
+        delta = r_t + gamma * next_value - v_t
+        adv = delta + gamma * lam * next_adv
+        adv = jnp.where(valid_t, adv, 0)
+        carry = (jnp.where(valid_t, v_t, next_value), jnp.where(valid_t, adv, next_adv))
+        return carry, adv
+
+    zeros = jnp.zeros(r.shape[:-1], dtype)
+    time_major = lambda x: jnp.moveaxis(x, -1, 0)
+    _, adv = jax.lax.scan(
+        step, (zeros, zeros), (time_major(r), time_major(v), time_major(valid)), reverse=True
+    )
+    adv = jnp.moveaxis(adv, 0, -1)
+    returns = jnp.where(valid, adv + v, 0)
+    return adv, returns
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1") -> jax.Array:
+    r"""Per-token estimate of KL(π ‖ π_ref) from log-probabilities of tokens sampled from π.
+
+    With :math:`d = \log \pi_{ref}(y_t) - \log \pi(y_t)`:
+
+    .. math::
+        k_1 = -d, \qquad k_2 = \tfrac{1}{2} d^2, \qquad k_3 = e^{d} - 1 - d
+
+    ``k1`` is unbiased but can be negative, ``k2`` is biased with low variance, ``k3`` is
+    unbiased and always ``>= 0`` (computed as ``expm1(d) - d``).
+
+    Args:
+      logprobs: ``[B, T]`` log-probabilities under the policy.
+      ref_logprobs: ``[B, T]`` log-probabilities under the reference.
+      estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+      ``[B, T]`` float32 per-token estimates (unmasked; reduce with :func:`aggregate_loss`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> lp, ref = jnp.array([[-1.0]]), jnp.array([[-2.0]])
+      >>> print([round(float(losses.kl_penalty(lp, ref, k)[0, 0]), 4) for k in ("k1", "k2", "k3")])
+      [1.0, 0.5, 0.3679]
+
+    References:
+      Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    dtype = _compute_dtype(logprobs, ref_logprobs)
+    d = _up(ref_logprobs, dtype) - _up(logprobs, dtype)
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * jnp.square(d)
+    return jnp.maximum(jnp.expm1(d) - d, 0)
+
+
+def ppo_policy_loss(
+    logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, clip_eps: float = 0.2
+) -> jax.Array:
+    r"""PPO clipped surrogate policy loss per token (unreduced).
+
+    .. math::
+        \ell_t = \max\left(-A_t \rho_t,\; -A_t\, \mathrm{clip}(\rho_t, 1 - \epsilon, 1 + \epsilon)\right),
+        \qquad \rho_t = \exp(\log\pi(y_t) - \log\pi_{old}(y_t))
+
+    Args:
+      logprobs: ``[B, T]`` log-probabilities under the current policy (differentiated).
+      old_logprobs: ``[B, T]`` log-probabilities under the policy that sampled the tokens.
+      advantages: ``[B, T]`` advantages (typically whitened, treated as constants).
+      clip_eps: ``ε``.
+
+    Returns:
+      ``[B, T]`` float32 per-token losses; reduce with :func:`aggregate_loss`. The clip fraction
+      is ``aggregate_loss((|ρ - 1| > ε).astype(float), mask)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> lp, old = jnp.log(jnp.array([[1.5, 0.5]])), jnp.zeros((1, 2))
+      >>> print(np.asarray(losses.ppo_policy_loss(lp, old, jnp.array([[1.0, 1.0]]))).round(4))
+      [[-1.2 -0.5]]
+
+    References:
+      Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
+    """
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    adv = _up(advantages, dtype)
+    ratio = jnp.exp(_up(logprobs, dtype) - _up(old_logprobs, dtype))
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return jnp.maximum(-adv * ratio, -adv * clipped)
+
+
+def ppo_value_loss(
+    values: jax.Array, old_values: jax.Array, returns: jax.Array, clip_eps: float = 0.2
+) -> jax.Array:
+    r"""PPO clipped value loss per token (unreduced).
+
+    .. math::
+        \ell_t = \tfrac{1}{2} \max\left((v_t - R_t)^2,\;
+        (v^{old}_t + \mathrm{clip}(v_t - v^{old}_t, -\epsilon, \epsilon) - R_t)^2\right)
+
+    Args:
+      values: ``[B, T]`` current value predictions (differentiated).
+      old_values: ``[B, T]`` value predictions at rollout time.
+      returns: ``[B, T]`` GAE returns (targets).
+      clip_eps: ``ε`` (in value units).
+
+    Returns:
+      ``[B, T]`` float32 per-token losses; reduce with :func:`aggregate_loss`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> v, old, ret = jnp.array([[1.0, 0.1]]), jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]])
+      >>> print(np.asarray(losses.ppo_value_loss(v, old, ret)).round(4))  # max(0, 0.8^2)/2; max(.01, .01)/2
+      [[0.32  0.005]]
+
+    References:
+      Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al. 2019,
+      "Fine-Tuning Language Models from Human Preferences" (the clipped value loss for LMs).
+    """
+    dtype = _compute_dtype(values, old_values, returns)
+    v, old, ret = _up(values, dtype), _up(old_values, dtype), _up(returns, dtype)
+    v_clipped = old + jnp.clip(v - old, -clip_eps, clip_eps)
+    return 0.5 * jnp.maximum(jnp.square(v - ret), jnp.square(v_clipped - ret))
+
+
+def ema_update(ref_params: Any, params: Any, decay: jax.Array | float) -> Any:
+    r"""Exponential moving average of a pytree: move the reference towards the parameters.
+
+    .. math::
+        \pi_{ref,k} = \alpha\, \pi_{ref,k-1} + (1 - \alpha)\, \pi_{actor,k}, \qquad \alpha = \text{decay}
+
+    ``decay = 1`` keeps the reference frozen, ``decay = 0`` copies the parameters. Computed in
+    float32 and cast back to each reference leaf's dtype; non-float leaves (e.g. integer
+    counters) are returned from ``ref_params`` unchanged. Same as ``optax.incremental_update``
+    with ``step_size = 1 - decay``.
+
+    Args:
+      ref_params: pytree of reference parameters.
+      params: pytree of current parameters with the same structure and shapes.
+      decay: scalar ``α`` in ``[0, 1]`` (may be traced).
+
+    Returns:
+      A pytree like ``ref_params`` (same structure and dtypes).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(np.asarray(losses.ema_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.9)["w"]).round(4))
+      [0.1 0.1]
+
+    References:
+      Xu et al. 2024, "Is DPO Superior to PPO for LLM Alignment? A Comprehensive Study" (ICML),
+      the exponential-moving-average reference model.
+    """
+
+    def update(ref: jax.Array, new: jax.Array) -> jax.Array:
+        ref, new = jnp.asarray(ref), jnp.asarray(new)
+        if ref.shape != new.shape:
+            raise ValueError(f"ema_update: reference leaf {ref.shape} and parameter leaf {new.shape} differ")
+        if not jnp.issubdtype(ref.dtype, jnp.inexact):
+            return ref
+        dtype = _compute_dtype(ref, new)
+        a = jnp.asarray(decay, dtype)
+        return (a * ref.astype(dtype) + (1 - a) * new.astype(dtype)).astype(ref.dtype)
+
+    return jax.tree.map(update, ref_params, params)

@@ -10,7 +10,9 @@ list of ``{"role", "content"}`` messages rendered with the tokenizer's chat temp
 (decoded response, special tokens skipped), ``completion_tokens`` (the stop token included),
 ``finish_reason`` (``"stop"`` or ``"length"``) and ``logprob`` (summed sampling log-probs).
 
-Prompts are left-padded to one width (the longest prompt) and the last batch is filled with
+Row ``i`` of the file is sampled with ``row_ids = i`` (see ``jaxrlhf.generation.decode``), so the
+completions for a ``--seed`` do not depend on ``--batch_size`` or the mesh. Prompts are
+left-padded to one width (the longest prompt) and the last batch is filled with
 dummy rows, so there is one compile; the first batch is run once more untimed to compile.
 Throughput: ``prefill_tok_s`` = real prompt tokens / prefill seconds; ``decode_tok_s`` =
 generated tokens (stop tokens included, padding not) / decode-loop seconds. The summary is
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     ids0, mask0 = batches[0]
-    sampler.timed(params, ids0, mask0, jax.random.fold_in(rng, 0))  # compile both halves
+    sampler.timed(params, ids0, mask0, rng, np.arange(bs, dtype=np.int32))  # compile both halves
     compile_s = time.perf_counter() - t0
 
     totals = dict(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0)
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             real = min(bs, len(encoded) - b * bs)
             mask_real = mask.copy()
             mask_real[real:] = 0  # dummy rows do not count as prompt tokens
-            out, st = sampler.timed(params, ids, mask, jax.random.fold_in(rng, b))
+            # rows are seeded by their line number: completions do not depend on --batch_size
+            row_ids = np.arange(b * bs, (b + 1) * bs, dtype=np.int32)
+            out, st = sampler.timed(params, ids, mask, rng, row_ids)
             totals["prefill_s"] += st["prefill_s"]
             totals["decode_s"] += st["decode_s"]
             totals["prefill_tokens"] += int(mask_real.sum())

@@ -222,23 +222,26 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample_step(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):
-    """One sampling step.
+def sample_step(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
+    """One sampling step, one PRNG key per row (a row's draw never depends on the other rows).
 
     Args:
       logits: ``[B, V]`` next-token logits.
-      key: PRNG key for this step.
+      keys: ``[B]`` PRNG keys (typed keys, or ``[B, 2]`` raw ``uint32`` keys).
 
     Returns:
       ``(tokens [B] int32, logprobs [B], model_logprobs [B])``; ``logprobs`` is
       ``log_softmax(logits / temperature)`` and ``model_logprobs`` ``log_softmax(logits)``, both at
       ``tokens`` and before top-k/top-p.
     """
-    tempered, filtered = process_logits(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if cfg.greedy:
+        tempered = logits.astype(jnp.float32) / jnp.float32(cfg.temperature)
         tokens = jnp.argmax(tempered, axis=-1)
     else:
-        tokens = jax.random.categorical(key, filtered, axis=-1)
+        tempered, filtered = process_logits(
+            logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p
+        )
+        tokens = jax.vmap(jax.random.categorical)(keys, filtered)
     tokens = tokens.astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(tempered, -1), tokens[:, None], axis=-1)[:, 0]
     if cfg.temperature == 1.0:
@@ -289,20 +292,27 @@ def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: SamplingC
     return PrefillState(cache, cache_mask, logits[:, -1].astype(jnp.float32), prompt_ids, prompt_mask)
 
 
-def decode(model, state: PrefillState, rng: jax.Array, cfg: SamplingConfig) -> GenerationOutput:
+def decode(
+    model, state: PrefillState, rng: jax.Array, cfg: SamplingConfig, row_ids: jax.Array | None = None
+) -> GenerationOutput:
     """Samples up to ``N`` tokens per row from a prefilled cache (``lax.while_loop``).
 
-    Step ``i`` draws token ``i`` with key ``fold_in(rng, i)`` from the logits of step ``i - 1``
-    (or the prefill), then, unless every row has stopped, feeds it at slot ``P + i``.
+    Step ``i`` draws token ``i`` of row ``b`` with key ``fold_in(fold_in(rng, i), row_ids[b])``
+    from the logits of step ``i - 1`` (or the prefill), then, unless every row has stopped, feeds
+    it at slot ``P + i``. ``row_ids`` (``[B]`` int, default ``arange(B)``) makes samples a function
+    of the row's id, not its place in the batch: pass global prompt indices and the responses do
+    not change with the batch size or order.
     """
     b, p = state.prompt_ids.shape
+    rows = jnp.arange(b, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))
     n = cfg.max_new_tokens
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
     prompt_len = state.prompt_mask.sum(-1).astype(jnp.int32)  # [B]
 
     def emit(i, logits, done, out):
         ids, mask, lp, mlp = out
-        tok, logp, mlogp = sample_step(logits, jax.random.fold_in(rng, i), cfg)
+        tok, logp, mlogp = sample_step(logits, row_keys(jax.random.fold_in(rng, i), rows), cfg)
         live = ~done
         tok = jnp.where(live, tok, cfg.pad_id)
         ids = jax.lax.dynamic_update_index_in_dim(ids, tok, i, axis=1)
@@ -344,6 +354,7 @@ def generate(
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    row_ids: jax.Array | None = None,
     *,
     max_new_tokens: int,
     pad_id: int,
@@ -361,6 +372,8 @@ def generate(
       prompt_ids: ``[B, P]`` int, left-padded prompts.
       prompt_mask: ``[B, P]`` 0/1, 1 on real tokens; every row needs at least one.
       rng: PRNG key (unused when ``greedy``).
+      row_ids: optional ``[B]`` int ids seeding each row's draws (default ``arange(B)``); see
+        :func:`decode`.
       max_new_tokens ... cache_dtype: see :class:`SamplingConfig`.
 
     Returns:
@@ -376,12 +389,8 @@ def generate(
         greedy=greedy,
         cache_dtype=cache_dtype,
     )
-    return _generate(graphdef, params, prompt_ids, prompt_mask, rng, cfg)
-
-
-def _generate(graphdef, params, prompt_ids, prompt_mask, rng, cfg: SamplingConfig) -> GenerationOutput:
     model = nnx.merge(graphdef, params)
-    return decode(model, prefill(model, prompt_ids, prompt_mask, cfg), rng, cfg)
+    return decode(model, prefill(model, prompt_ids, prompt_mask, cfg), rng, cfg, row_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,9 +424,10 @@ def reshard(tree: Any, shardings: Any) -> Any:
 class Sampler:
     """A jitted :func:`generate` for one model structure and :class:`SamplingConfig`.
 
-    ``sampler(params, prompt_ids, prompt_mask, rng) -> GenerationOutput`` is one compiled call per
-    prompt shape. ``sampler.prefill`` / ``sampler.decode`` are the two halves as separate jitted
-    calls (for timing). ``sampler.traces`` counts traces of the fused call (a recompile check).
+    ``sampler(params, prompt_ids, prompt_mask, rng, row_ids=None) -> GenerationOutput`` is one
+    compiled call per prompt shape. ``sampler.prefill`` / ``sampler.decode`` are the two halves as
+    separate jitted calls (for timing). ``sampler.traces`` counts traces of the fused call (a
+    recompile check).
 
     With a ``mesh``, prompts and outputs are sharded on the batch axis over ``("data", "fsdp")``
     (axes that do not divide the batch are dropped). ``param_shardings`` (the training layout) are
@@ -444,7 +454,7 @@ class Sampler:
         self.traces = 0
         in_shardings = None
         if param_shardings is not None:
-            in_shardings = (param_shardings, None, None, None)
+            in_shardings = (param_shardings, None, None, None, None)
         self._call = jax.jit(self._fused, in_shardings=in_shardings)
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn)
@@ -464,41 +474,43 @@ class Sampler:
     def _out(self, out):
         return jax.tree.map(self._batch, out)
 
-    def _fused(self, params, prompt_ids, prompt_mask, rng):
+    def _fused(self, params, prompt_ids, prompt_mask, rng, row_ids):
         self.traces += 1
         model = nnx.merge(self.graphdef, self._params(params))
         state = prefill(model, self._batch(prompt_ids), self._batch(prompt_mask), self.config)
-        return self._out(decode(model, state, rng, self.config))
+        return self._out(decode(model, state, rng, self.config, row_ids))
 
     def _prefill_fn(self, params, prompt_ids, prompt_mask):
         model = nnx.merge(self.graphdef, self._params(params))
         return prefill(model, self._batch(prompt_ids), self._batch(prompt_mask), self.config)
 
-    def _decode_fn(self, params, state, rng):
+    def _decode_fn(self, params, state, rng, row_ids):
         model = nnx.merge(self.graphdef, self._params(params))
-        return self._out(decode(model, state, rng, self.config))
+        return self._out(decode(model, state, rng, self.config, row_ids))
 
-    def __call__(self, params, prompt_ids, prompt_mask, rng) -> GenerationOutput:
-        return self._call(params, prompt_ids, prompt_mask, rng)
+    def __call__(self, params, prompt_ids, prompt_mask, rng, row_ids=None) -> GenerationOutput:
+        return self._call(params, prompt_ids, prompt_mask, rng, row_ids)
 
     def prefill(self, params, prompt_ids, prompt_mask) -> PrefillState:
         return self._prefill(params, prompt_ids, prompt_mask)
 
-    def decode(self, params, state: PrefillState, rng) -> GenerationOutput:
-        return self._decode(params, state, rng)
+    def decode(self, params, state: PrefillState, rng, row_ids=None) -> GenerationOutput:
+        return self._decode(params, state, rng, row_ids)
 
-    def lower(self, params, prompt_ids, prompt_mask, rng):
+    def lower(self, params, prompt_ids, prompt_mask, rng, row_ids=None):
         """``jax.jit(...).lower`` of the fused call (ahead-of-time compile, HLO inspection)."""
-        return self._call.lower(params, prompt_ids, prompt_mask, rng)
+        return self._call.lower(params, prompt_ids, prompt_mask, rng, row_ids)
 
-    def timed(self, params, prompt_ids, prompt_mask, rng) -> tuple[GenerationOutput, dict[str, float]]:
+    def timed(
+        self, params, prompt_ids, prompt_mask, rng, row_ids=None
+    ) -> tuple[GenerationOutput, dict[str, float]]:
         """Runs prefill and decode as two calls and returns the output with throughput:
         ``prefill_s``, ``decode_s``, ``prefill_tokens`` (real prompt tokens),
         ``decode_tokens`` (generated tokens), ``prefill_tok_s``, ``decode_tok_s``."""
         t0 = time.perf_counter()
         state = jax.block_until_ready(self.prefill(params, prompt_ids, prompt_mask))
         t1 = time.perf_counter()
-        out = jax.block_until_ready(self.decode(params, state, rng))
+        out = jax.block_until_ready(self.decode(params, state, rng, row_ids))
         t2 = time.perf_counter()
         ptoks = int(np.asarray(prompt_mask).sum())
         dtoks = int(np.asarray(out.response_mask).sum())
@@ -528,7 +540,7 @@ def make_sampler(
     param_shardings: Any = None,
     gen_param_shardings: Any = None,
 ) -> Sampler:
-    """A jitted sampler: ``sampler(params, prompt_ids[B,P], prompt_mask[B,P], rng) -> GenerationOutput``.
+    """A jitted sampler: ``sampler(params, prompt_ids[B,P], prompt_mask[B,P], rng, row_ids=None)``.
 
     Args:
       model_or_graphdef: an NNX decoder (its graphdef is taken with ``nnx.split``) or a graphdef.

@@ -146,7 +146,8 @@ def test_sample_step_distribution_and_logprobs():
     logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     cfg = gen.SamplingConfig(max_new_tokens=1, pad_id=0, temperature=0.8, top_k=4, top_p=0.9)
     n = 20000
-    tok, logp, mlogp = jax.jit(lambda k: gen.sample_step(jnp.tile(logits, (n, 1)), k, cfg))(jax.random.key(0))
+    keys = jax.random.split(jax.random.key(0), n)
+    tok, logp, mlogp = jax.jit(lambda k: gen.sample_step(jnp.tile(logits, (n, 1)), k, cfg))(keys)
     tempered = logits / 0.8
     keep = np.asarray(gen.top_p_mask(jnp.where(gen.top_k_mask(tempered, 4), tempered, -jnp.inf), 0.9))
     want = np.where(keep, np.exp(tempered - jax.nn.logsumexp(jnp.where(keep, tempered, -jnp.inf))), 0.0)
@@ -258,6 +259,21 @@ def test_all_rows_stop_early_and_deterministic(model, prompts):
     c = s2(params, ids, mask, jax.random.key(12))
     chex.assert_trees_all_equal(a, b)
     assert not np.array_equal(a.response_ids, c.response_ids)
+
+
+def test_row_ids_make_samples_batch_invariant(model):
+    """Seeding rows by id: two half batches (any order) give the full batch's samples."""
+    ids, mask = left_padded([5, 2, 4, 1, 3, 5], 5, seed=8)
+    graphdef, params = nnx.split(model)
+    s = gen.make_sampler(graphdef, max_new_tokens=6, pad_id=PAD, eos_ids=(2,), temperature=1.2)
+    key = jax.random.key(9)
+    full = s(params, ids, mask, key)
+    order = np.array([4, 0, 5])
+    part = s(params, ids[order], mask[order], key, jnp.asarray(order))
+    np.testing.assert_array_equal(part.response_ids, full.response_ids[order])
+    np.testing.assert_allclose(part.logprobs, full.logprobs[order], atol=1e-5)
+    other = s(params, ids[order], mask[order], key)  # seeded by position 0..2 instead
+    assert not np.array_equal(other.response_ids, full.response_ids[order])
 
 
 def test_sampler_traces_once(model, prompts):
@@ -431,9 +447,19 @@ def test_cli_generate(tmp_path, capsys):
     ]
     s1 = cli.main(args + [f"--out={tmp_path / 'a.jsonl'}"])
     s2 = cli.main(args + [f"--out={tmp_path / 'b.jsonl'}", f"--stats={tmp_path / 'stats.json'}"])
+    s3 = cli.main(
+        [a for a in args if not a.startswith("--batch_size")]
+        + ["--batch_size=4", "--mesh=data=2,fsdp=2,tensor=2", "--gen_layout"]
+        + [f"--out={tmp_path / 'c.jsonl'}"]
+    )
     a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # seeded
     assert [r["id"] for r in a] == [0, 1, 2, 3, 4] and a[2]["prompt"] == rows[2]["prompt"]
+    # rows seeded by line number: another batch size, sharded with the generation layout, same text
+    c = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in c] == [r["completion"] for r in a]
+    np.testing.assert_allclose([r["logprob"] for r in c], [r["logprob"] for r in a], rtol=1e-4)
+    assert s3["batches"] == 2 and s3["devices"] == len(jax.devices())
     for r in a:
         assert 1 <= r["completion_tokens"] <= 6 and isinstance(r["completion"], str)
         assert r["finish_reason"] in ("stop", "length") and r["logprob"] <= 0

@@ -139,3 +139,6 @@ def ppo(**overrides) -> ml_collections.ConfigDict:
     )
     p.update(overrides)
     return p
+
+
+TINY_LLAMA_WORDS = dict(TINY_LLAMA, vocab_size=512)  # covers the shipped review/answer tokenizer

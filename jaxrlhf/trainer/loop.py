@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -26,6 +25,7 @@ from jaxrlhf.sharding import (
     batch_sharding,
     make_mesh,
     named_shardings,
+    path_str,
     replicated,
     shard_batch,
 )
@@ -93,15 +93,29 @@ def load_model(config, mcfg, mesh, *, head=None):
 
 
 def opt_state_shardings(tx, params, param_shardings, mesh):
-    """Optimizer-state shardings mirroring the parameters' (scalars and factored stats replicated)."""
+    """Optimizer-state shardings mirroring the parameters'.
+
+    An optimizer-state leaf whose path ends with a parameter's path (``.../mu/layers/0/...``) and
+    has that parameter's shape is sharded like it; everything else (counts, factored statistics)
+    is replicated. Works through ``optax.chain``, ``masked`` and ``multi_transform`` states.
+    """
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        by_path[path_str(path)] = (leaf.shape, None)
+    for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings):
+        by_path[path_str(path)] = (by_path[path_str(path)][0], sh)
     abstract = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract,
-        param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-    )
+
+    def one(path, leaf):
+        name = path_str(path)
+        parts = name.split("/")
+        for i in range(len(parts)):
+            hit = by_path.get("/".join(parts[i:]))
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def state_shardings(tx, params, mesh, *, with_ref: bool):

@@ -1,0 +1,166 @@
+r"""Evaluate a policy on held-out prompts: reward, win rate, KL to a reference, pass@k.
+
+    python -m jaxrlhf.evaluate --config=configs/ppo_tldr_qwen.py --policy=/tmp/ppo/hf \
+        --baseline=/tmp/sft/hf [--reference=/tmp/sft/hf] [--samples=4] [--out=eval.json]
+
+The config supplies the prompt data (``config.data``, ``config.tokenizer``), the sampler settings
+(``config.generation``) and the judge (``config.reward``: a reward model or a programmatic reward).
+
+* **reward**: mean reward of one sampled response per prompt (the first of ``samples``).
+* **win rate**: fraction of prompts where the policy's response out-scores the baseline's
+  (ties count one half), both judged by the same reward.
+* **KL to reference**: mean over prompts of ``Σ_t log π(y_t) − log π_ref(y_t)`` on the policy's own
+  samples (a Monte-Carlo estimate of KL(π ‖ π_ref) per sequence).
+* **pass@k** (programmatic 0/1 rewards): the unbiased estimator of Chen et al. (2021) from
+  ``samples`` responses per prompt, for every k ≤ samples that is a power of two, and samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from jaxrlhf import data as data_lib
+from jaxrlhf import losses, models
+from jaxrlhf.ppo import build_reward, gather, make_sampler, response_sequences
+from jaxrlhf.sharding import make_mesh, shard_batch
+from jaxrlhf.trainer.algorithms import apply_model
+from jaxrlhf.trainer.loop import DTYPES
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): ``1 − C(n−c, k)/C(n, k)`` for ``n`` samples, ``c`` correct."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def load_policy(path: str, dtype: str, mesh):
+    model = models.from_pretrained(path, dtype=DTYPES[dtype], param_dtype=jnp.float32, mesh=mesh)
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def sequence_logps(graphdef, params, seq) -> jax.Array:
+    logits = apply_model(graphdef, params, seq).astype(jnp.float32)
+    logps, mask = losses.shifted_logprobs(logits, seq["input_ids"], seq["loss_mask"])
+    return jnp.sum(jnp.where(mask > 0, logps, 0.0), axis=-1)
+
+
+def evaluate(
+    config,
+    policy: str,
+    *,
+    baseline: str | None = None,
+    reference: str | None = None,
+    samples: int = 1,
+    max_prompts: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of ``policy`` (an HF-format dir) on ``config.data``'s prompts; see the module doc."""
+    mesh = make_mesh(config.mesh)
+    tokenizer = data_lib.load_tokenizer(config.tokenizer)
+    ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
+    n_prompts = len(ds) if max_prompts <= 0 else min(max_prompts, len(ds))
+    batch = min(config.eval_batch_size, n_prompts)
+    n_prompts = (n_prompts // batch) * batch
+    reward = build_reward(config, mesh, tokenizer, ds)
+    gc = config.generation
+    dtype = config.model.dtype
+
+    def sample_all(graphdef, params, k: int, salt: int) -> list[dict]:
+        sampler = make_sampler(graphdef, gc, tokenizer, mesh)
+        it = data_lib.BatchIterator(ds, batch, seed=seed, shuffle=False, process_index=0, process_count=1)
+        out = []
+        for b in range(n_prompts // batch):
+            host = next(it)
+            rep = {key: np.repeat(host[key], k, axis=0) for key in ("prompt_ids", "prompt_mask", "index")}
+            prompts = shard_batch(mesh, {key: rep[key] for key in ("prompt_ids", "prompt_mask")})
+            rng = jax.random.fold_in(jax.random.key(seed + salt), b)
+            gen = sampler(params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
+            seq = response_sequences(
+                prompts["prompt_ids"], prompts["prompt_mask"], gen.response_ids, gen.response_mask
+            )
+            scores = np.asarray(jax.device_get(reward(seq, rep["prompt_ids"].shape[1], rep["index"])))
+            out.append(
+                {"seq": seq, "scores": scores.reshape(-1, k), "length": gather(gen.response_mask).sum(-1)}
+            )
+        return out
+
+    graphdef, params = load_policy(policy, dtype, mesh)
+    pol = sample_all(graphdef, params, samples, 1)
+    scores = np.concatenate([p["scores"] for p in pol])  # [prompts, samples]
+    result: dict[str, Any] = {
+        "prompts": int(n_prompts),
+        "samples_per_prompt": samples,
+        "reward_mean": float(scores[:, 0].mean()),
+        "reward_std": float(scores[:, 0].std()),
+        "response_length_mean": float(np.concatenate([p["length"] for p in pol]).mean()),
+    }
+    binary = np.all(np.isin(scores, (0.0, 1.0)))
+    if binary:
+        correct = scores.sum(axis=1).astype(int)
+        ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples} | {samples})
+        for k in ks:
+            result[f"pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in correct]))
+    ref_path = reference or baseline
+    if ref_path:
+        ref_gd, ref_params = load_policy(ref_path, dtype, mesh)
+        lp = jax.jit(sequence_logps, static_argnums=0)
+        kls = [
+            gather(lp(graphdef, params, p["seq"]) - lp(ref_gd, ref_params, p["seq"])).reshape(-1, samples)[
+                :, 0
+            ]
+            for p in pol
+        ]
+        result["kl_to_reference"] = float(np.concatenate(kls).mean())
+    if baseline:
+        base_gd, base_params = load_policy(baseline, dtype, mesh)
+        base = sample_all(base_gd, base_params, 1, 2)
+        b_scores = np.concatenate([b["scores"][:, 0] for b in base])
+        p_scores = scores[:, 0]
+        result["win_rate"] = float(np.mean((p_scores > b_scores) + 0.5 * (p_scores == b_scores)))
+        result["baseline_reward_mean"] = float(b_scores.mean())
+    return result
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (data, generation, reward).")
+_POLICY = flags.DEFINE_string("policy", None, "HF-format directory of the policy to evaluate.")
+_BASELINE = flags.DEFINE_string("baseline", None, "HF-format directory of the baseline policy (win rate).")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference policy for the KL (default: the baseline).")
+_SAMPLES = flags.DEFINE_integer("samples", 1, "Responses per prompt (pass@k uses all of them).")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "Evaluate at most this many prompts (0: all).")
+_OUT = flags.DEFINE_string("out", None, "Write the metrics as JSON here.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    res = evaluate(
+        _CONFIG.value,
+        _POLICY.value,
+        baseline=_BASELINE.value,
+        reference=_REFERENCE.value,
+        samples=_SAMPLES.value,
+        max_prompts=_MAX_PROMPTS.value,
+    )
+    text = json.dumps(res, indent=2)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text)
+    return 0 if all(math.isfinite(v) for v in res.values() if isinstance(v, float)) else 1
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "policy"])
+    sys.exit(app.run(main))

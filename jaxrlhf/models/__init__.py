@@ -7,6 +7,7 @@ Public API::
     save_pretrained(model, "out_dir", max_shard_size="5GB")
     logits = model(input_ids, attention_mask)            # [B,T,V] f32 (head="scalar": [B,T] f32)
     cache = model.init_cache(B, S); out, cache = model.decode(ids, positions, cache, cache_mask, index)
+    load_config(path, head=None, **overrides) -> ModelConfig   # config.json only, no weights
     partition_rules(model.config); count_params(params); flops_per_token(config, seq_len)
 """
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.models.config import FAMILIES, PRESETS, ModelConfig
-from jaxrlhf.models.hf_io import from_pretrained, save_pretrained, weight_groups
+from jaxrlhf.models.hf_io import from_pretrained, load_config, save_pretrained, weight_groups
 from jaxrlhf.models.modeling import Transformer, count_params, flops_per_token
 from jaxrlhf.models.sharding_rules import partition_rules
 
@@ -30,6 +31,7 @@ __all__ = [
     "flops_per_token",
     "from_pretrained",
     "init",
+    "load_config",
     "partition_rules",
     "save_pretrained",
     "weight_groups",

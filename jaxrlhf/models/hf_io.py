@@ -259,6 +259,18 @@ def _resolve(path: str, allow_pickle: bool) -> str:
         ) from e
 
 
+def load_config(
+    path: str, *, head: str | None = None, allow_pickle: bool = False, **overrides
+) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint (local dir or hub id) without reading any weights.
+
+    ``overrides`` set any field (``dtype``, ``param_dtype``, ``remat``, ...).
+    """
+    local = _resolve(path, allow_pickle)
+    with open(os.path.join(local, "config.json")) as fh:
+        return ModelConfig.from_hf(json.load(fh), head=head, **overrides)
+
+
 def _pretty_mismatch(missing, unexpected, bad_shape, path) -> str:
     lines = [f"checkpoint {path} does not match the model:"]
     if missing:
@@ -303,9 +315,7 @@ def from_pretrained(
     from jaxrlhf.models.sharding_rules import partition_rules
 
     local = _resolve(path, allow_pickle)
-    with open(os.path.join(local, "config.json")) as fh:
-        hf_cfg = json.load(fh)
-    cfg = ModelConfig.from_hf(hf_cfg, head=head, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = load_config(local, head=head, dtype=dtype, param_dtype=param_dtype, remat=remat)
     ckpt = _Checkpoint(local, allow_pickle)
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))

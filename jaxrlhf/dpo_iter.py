@@ -127,6 +127,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             seq = response_sequences(
                 prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask
             )
+            jax.block_until_ready(seq)
             t_gen = time.perf_counter() - t0
             scores = np.asarray(
                 jax.device_get(reward(seq, prompts["prompt_ids"].shape[1], gather_index(mesh, rep["index"])))
@@ -162,8 +163,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                 metrics.update({f"train/{k}": v for k, v in mean_metrics(history).items()})
                 metrics["time/train"] = time.perf_counter() - t0
             metrics["lr"] = float(schedule(int(jax.device_get(state.step))))
+            log.count_tokens(float(host_seq["loss_mask"].sum()), float(host_seq["attention_mask"].size))
             metrics = log.write(rnd, metrics, console=rnd % config.log_every == 0 or rnd == ic.rounds)
-            log.count_tokens(0.0, 0.0)
             result["history"].append(metrics)
             if rnd % config.checkpoint.every == 0 or stop.requested or rnd == ic.rounds:
                 checkpoint.save(manager, rnd, state, {"data": prompt_it.get_state()}, force=True)

@@ -110,7 +110,7 @@ def ppo_losses(params, ref_params, batch, denoms, rng, *, graphdefs, cfg) -> tup
     valid = mask > 0
     values = apply_model(critic_gd, params["critic"], batch)[:, :-1].astype(jnp.float32)
     tokens = denoms["tokens"]
-    tsum = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / tokens
+    tsum = lambda x: losses.aggregate_loss(x, mask, "token_mean", global_denominator=tokens)
 
     pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=cfg.clip_eps)
     vf = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], clip_eps=cfg.value_clip_eps)
@@ -137,7 +137,8 @@ def ppo_losses(params, ref_params, batch, denoms, rng, *, graphdefs, cfg) -> tup
 
 
 def token_denominators(batch: dict) -> dict:
-    return {"tokens": jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)}
+    """Response tokens of the whole global minibatch: the token-mean denominator."""
+    return {"tokens": losses.loss_denominator(batch["loss_mask"][:, 1:], "token_mean")}
 
 
 def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg) -> dict:

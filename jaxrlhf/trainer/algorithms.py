@@ -57,7 +57,8 @@ def sequence_scores(scores: jax.Array, attention_mask: jax.Array) -> jax.Array:
 # SFT: token-mean negative log-likelihood of the response tokens over the global batch.
 # ----------------------------------------------------------------------------------------------
 def sft_denominators(batch: dict) -> dict:
-    return {"tokens": jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)}
+    """Predicted response tokens of the whole global batch (the token-mean denominator)."""
+    return {"tokens": losses.loss_denominator(batch["loss_mask"][:, 1:], "token_mean")}
 
 
 def make_sft_loss(graphdef):
@@ -65,7 +66,7 @@ def make_sft_loss(graphdef):
         del ref_params, rng
         logits = apply_model(graphdef, params, batch)
         logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
-        nll = jnp.sum(jnp.where(mask > 0, -logps, 0.0)) / denoms["tokens"]
+        nll = losses.aggregate_loss(-logps, mask, "token_mean", global_denominator=denoms["tokens"])
         return nll, {"nll": nll}
 
     return loss_fn
@@ -77,7 +78,7 @@ def make_sft_loss(graphdef):
 def pair_denominators(batch: dict) -> dict:
     pairs = batch["chosen_input_ids"].shape[0]
     den = {"pairs": jnp.asarray(pairs, jnp.float32)}
-    den["chosen_tokens"] = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:]), 1).astype(jnp.float32)
+    den["chosen_tokens"] = losses.loss_denominator(batch["chosen_loss_mask"][:, 1:], "token_mean")
     return den
 
 

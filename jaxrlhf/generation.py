@@ -275,7 +275,9 @@ class PrefillState(NamedTuple):
 
 
 def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: SamplingConfig) -> PrefillState:
-    """Writes the left-padded ``[B, P]`` prompt into a fresh cache at slot 0.
+    """Writes the left-padded ``[B, P]`` prompt into a fresh cache at slots ``[0, P)``.
+
+    The logits of only the last prompt slot are computed (``[B, V]``, never ``[B, P, V]``).
 
     Every row needs at least one real prompt token (its last slot ``P - 1`` must be real, as it is
     for left padding).
@@ -288,8 +290,12 @@ def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: SamplingC
     cache = model.init_cache(b, slots, cfg.cache_dtype)
     cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)  # [B, S]
     positions = mask_positions(prompt_mask)  # [B, P]
-    logits, cache = model.decode(prompt_ids, positions, cache, cache_mask, 0)  # [B, P, V]
-    return PrefillState(cache, cache_mask, logits[:, -1].astype(jnp.float32), prompt_ids, prompt_mask)
+    # Two decode calls: the first P - 1 tokens only fill the cache (their logits are unused, so XLA
+    # drops the [B, P - 1, V] LM head), the last one yields the next-token logits.
+    if p > 1:
+        _, cache = model.decode(prompt_ids[:, :-1], positions[:, :-1], cache, cache_mask, 0)
+    logits, cache = model.decode(prompt_ids[:, -1:], positions[:, -1:], cache, cache_mask, p - 1)  # [B, 1, V]
+    return PrefillState(cache, cache_mask, logits[:, 0].astype(jnp.float32), prompt_ids, prompt_mask)
 
 
 def decode(

@@ -470,3 +470,15 @@ def test_cli_generate(tmp_path, capsys):
     assert s1["prefill_tok_s"] > 0 and s1["decode_tok_s"] > 0
     assert json.loads((tmp_path / "stats.json").read_text())["decode_tokens"] == s2["decode_tokens"]
     assert '"decode_tok_s"' in capsys.readouterr().out
+
+
+def test_prefill_never_builds_prompt_logits():
+    """Only the last prompt slot's logits exist after compilation ([B, V], never [B, P, V])."""
+    models = pytest.importorskip("jaxrlhf.models")
+    graphdef, params = nnx.split(models.init("llama", vocab_size=1000, num_layers=1))
+    s = gen.make_sampler(graphdef, max_new_tokens=2, pad_id=0)
+    ids = jnp.ones((8, 64), jnp.int32)
+    hlo = s._prefill.lower(params, ids, ids).compile().as_text()
+    assert "f32[8,1000]" in hlo
+    for shape in ("[8,64,1000]", "[8,63,1000]", "[512,1000]", "[504,1000]"):
+        assert shape not in hlo, shape

@@ -279,8 +279,8 @@ def prefill(model, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: SamplingC
 
     The logits of only the last prompt slot are computed (``[B, V]``, never ``[B, P, V]``).
 
-    Every row needs at least one real prompt token (its last slot ``P - 1`` must be real, as it is
-    for left padding).
+    Left padding puts each row's last real token at slot ``P - 1``. A row with no real token gets
+    an empty response from :func:`decode` (mask 0, not truncated).
     """
     prompt_ids = prompt_ids.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
@@ -334,7 +334,8 @@ def decode(
         jnp.zeros((b, n), jnp.float32),
         jnp.zeros((b, n), jnp.float32),
     )
-    tok, done, out = emit(0, state.logits, jnp.zeros((b,), bool), out0)
+    empty = prompt_len == 0  # no real prompt token: nothing to condition on, empty response
+    tok, done, out = emit(0, state.logits, empty, out0)
 
     def cond(carry):
         i, _, done, *_ = carry
@@ -351,7 +352,7 @@ def decode(
 
     carry = (jnp.int32(1), tok, done, state.cache, state.cache_mask, out)
     _, _, done, _, _, (ids, mask, lp, mlp) = jax.lax.while_loop(cond, body, carry)
-    return GenerationOutput(state.prompt_ids, state.prompt_mask, ids, mask, lp, mlp, ~done)
+    return GenerationOutput(state.prompt_ids, state.prompt_mask, ids, mask, lp, mlp, ~done & ~empty)
 
 
 def generate(
@@ -376,7 +377,7 @@ def generate(
     Args:
       graphdef, params: ``nnx.split(model)`` of a decoder with ``init_cache``/``decode``.
       prompt_ids: ``[B, P]`` int, left-padded prompts.
-      prompt_mask: ``[B, P]`` 0/1, 1 on real tokens; every row needs at least one.
+      prompt_mask: ``[B, P]`` 0/1, 1 on real tokens; a row with none gets an empty response.
       rng: PRNG key (unused when ``greedy``).
       row_ids: optional ``[B]`` int ids seeding each row's draws (default ``arange(B)``); see
         :func:`decode`.

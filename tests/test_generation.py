@@ -245,6 +245,16 @@ def test_eos_stop_per_row_and_truncation(model, prompts):
         assert int(out.response_lengths[0]) <= 3
 
 
+def test_empty_prompt_row_gets_empty_response(model):
+    ids, mask = left_padded([3, 0, 2], 3, seed=2)
+    graphdef, params = nnx.split(model)
+    out = gen.generate(graphdef, params, ids, mask, jax.random.key(0), max_new_tokens=3, pad_id=PAD)
+    np.testing.assert_array_equal(out.response_mask.sum(-1), [3, 0, 3])
+    np.testing.assert_array_equal(out.response_ids[1], PAD)
+    np.testing.assert_array_equal(out.truncated, [True, False, True])
+    assert bool(jnp.isfinite(out.logprobs).all())
+
+
 def test_all_rows_stop_early_and_deterministic(model, prompts):
     ids, mask = prompts
     graphdef, params = nnx.split(model)

@@ -211,6 +211,12 @@ class SamplingConfig:
     cache_dtype: Any = None
 
     def __post_init__(self):
+        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int | np.integer):
+            raise ValueError(
+                f"pad_id must be an int token id, got {self.pad_id!r} (tokenizer.pad_token_id is None? "
+                "pass the EOS id)"
+            )
+        object.__setattr__(self, "pad_id", int(self.pad_id))
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

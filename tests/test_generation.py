@@ -165,6 +165,29 @@ def test_config_validation():
         gen.SamplingConfig(max_new_tokens=2, pad_id=0, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.SamplingConfig(max_new_tokens=0, pad_id=0)
+    with pytest.raises(ValueError, match="pad_id"):
+        gen.SamplingConfig(max_new_tokens=2, pad_id=None)
+
+
+def test_output_to_batch_hand_made():
+    """Prompt [_, _, 5, 6] / [7, 8, 9, 4] and responses [3, EOS=2, pad] / [3, 3, 3] (truncated)."""
+    out = gen.GenerationOutput(
+        prompt_ids=jnp.array([[0, 0, 5, 6], [7, 8, 9, 4]]),
+        prompt_mask=jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]]),
+        response_ids=jnp.array([[3, 2, 0], [3, 3, 3]]),
+        response_mask=jnp.array([[1, 1, 0], [1, 1, 1]]),
+        logprobs=jnp.array([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]]),
+        model_logprobs=jnp.zeros((2, 3)),
+        truncated=jnp.array([False, True]),
+    )
+    b = out.to_batch()
+    np.testing.assert_array_equal(b["input_ids"], [[0, 0, 5, 6, 3, 2, 0], [7, 8, 9, 4, 3, 3, 3]])
+    np.testing.assert_array_equal(b["attention_mask"], [[0, 0, 1, 1, 1, 1, 0], [1] * 7])
+    np.testing.assert_array_equal(b["positions"], [[0, 0, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(b["loss_mask"], [[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(out.shifted(out.logprobs), [[0, 0, 0, -1, -2, 0], [0, 0, 0, -1, -1, -1]])
+    np.testing.assert_array_equal(out.response_lengths, [2, 3])
+    np.testing.assert_array_equal(out.stopped, [True, False])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,16 +438,26 @@ def _grad_cases():
     ]
 
 
-def test_check_grads_float64():
+@pytest.mark.parametrize("case", range(len(_grad_cases())), ids=[c[0] for c in _grad_cases()])
+def test_check_grads_float64(case):
     with jax.enable_x64(True):
-        for name, fn, args in _grad_cases():
-            args = tuple(jnp.asarray(a, jnp.float64) for a in args)
-            out = fn(*args)
-            assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(out)), name
-            try:
-                check_grads(jax.jit(fn), args, order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
-            except AssertionError as e:
-                raise AssertionError(f"check_grads failed for {name}") from e
+        name, fn, args = _grad_cases()[case]
+        args = tuple(jnp.asarray(a, jnp.float64) for a in args)
+        out = fn(*args)
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(out)), name
+        check_grads(jax.jit(fn), args, order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_second_order_and_forward_mode():
+    """The rematerialised kernel stays differentiable in every mode (Hessian = -(diag p - p p^T))."""
+    with jax.enable_x64(True):
+        z = jnp.asarray([0.3, -1.2, 2.0, 0.1], jnp.float64)
+        p = jax.nn.softmax(z)
+        hess = jax.hessian(lambda z: losses.token_logprobs(z[None], jnp.array([2]))[0])(z)
+        np.testing.assert_allclose(hess, -(np.diag(p) - np.outer(p, p)), rtol=1e-10, atol=1e-12)
+        tangent = jnp.asarray([1.0, 0.0, -1.0, 0.5], jnp.float64)
+        _, jvp = jax.jvp(lambda z: losses.token_logprobs(z[None], jnp.array([2]))[0], (z,), (tangent,))
+        np.testing.assert_allclose(jvp, tangent[2] - np.dot(p, tangent), rtol=1e-10)
 
 
 def test_bf16_inputs_give_f32_outputs():
@@ -508,6 +518,19 @@ def test_no_retrace_on_repeated_calls():
             {"w": f(2, 6, 5)},
         )
         assert np.isfinite(float(out))
+
+
+def test_gae_no_retrace_for_new_gamma_lam_and_any_leading_dims():
+    fn = jax.jit(chex.assert_max_traces(losses.gae, n=1))
+    r = jnp.asarray(RNG.normal(size=GAE_MASK.shape), jnp.float32)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (0.5, 0.0)]:
+        adv, _ = fn(r, r * 0.5, GAE_MASK, gamma, lam)
+        np.testing.assert_allclose(adv, gae_loop(r, r * 0.5, GAE_MASK, gamma, lam)[0], rtol=1e-5, atol=1e-6)
+    # Time is the last axis; leading dimensions are free ([T] and [B, T] agree).
+    adv_1d, ret_1d = losses.gae(r[0], r[0] * 0.5, GAE_MASK[0], 0.9, 0.8)
+    adv_2d, ret_2d = losses.gae(r, r * 0.5, GAE_MASK, 0.9, 0.8)
+    np.testing.assert_allclose(adv_1d, adv_2d[0], rtol=1e-6)
+    np.testing.assert_allclose(ret_1d, ret_2d[0], rtol=1e-6)
 
 
 def test_ppo_pipeline_grads_finite_with_garbage_padding():

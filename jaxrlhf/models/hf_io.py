@@ -13,6 +13,7 @@ tensor; the module is created abstractly (``nnx.eval_shape``) and never randomly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf import sharding as shd
 from jaxrlhf.models.config import ModelConfig
@@ -138,7 +139,28 @@ def _hf_shape(group: Group, ours: Sequence[tuple[int, ...]], cfg: ModelConfig) -
     raise ValueError(group.kind)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _device_layout(x: jax.Array, dtype: str, transpose: bool) -> jax.Array:
+    """Cast (and transpose a 2-D weight) on device: host transposes of big bf16 tensors are slow."""
+    return (x.T if transpose else x).astype(dtype)
+
+
+def _as_bits(x: np.ndarray) -> np.ndarray:
+    """Same bytes as an unsigned-int array: layout ops on ml_dtypes (bfloat16) are ~10x slower."""
+    return x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.itemsize in (1, 2, 4, 8) else x
+
+
 def _to_ours(group: Group, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
+    """HF tensor -> our parameter(s); a pure layout change, done on the raw bits."""
+    return [y.view(x.dtype) for y in _to_ours_bits(group, _as_bits(x), cfg)]
+
+
+def _to_hf(group: Group, xs: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+    """Our parameter(s) -> the HF tensor; a pure layout change, done on the raw bits."""
+    return _to_hf_bits(group, [_as_bits(x) for x in xs], cfg).view(xs[0].dtype)
+
+
+def _to_ours_bits(group: Group, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
     if group.kind == "id":
         return [x]
     if group.kind == "T":
@@ -153,7 +175,7 @@ def _to_ours(group: Group, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
     raise ValueError(group.kind)
 
 
-def _to_hf(group: Group, xs: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+def _to_hf_bits(group: Group, xs: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
     if group.kind == "id":
         return xs[0]
     if group.kind == "T":
@@ -363,20 +385,34 @@ def from_pretrained(
     pd = jnp.dtype(cfg.param_dtype)
     values: dict[str, jax.Array] = {}
 
-    def place(name: str, x: np.ndarray) -> jax.Array:
-        x = np.asarray(x).astype(pd, copy=False)
-        sharding = shardings.get(name)
+    def put(x: np.ndarray, sharding) -> jax.Array:
         if sharding is None:
             return jnp.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
+    def place(name: str, x: np.ndarray, transpose: bool = False) -> jax.Array:
+        """Host tensor -> device array of ``name`` in ``param_dtype``; the cast (and, for torch
+        ``[out, in]`` weights, the transpose) runs on device, sharded like the target."""
+        target = shardings.get(name)
+        src = target
+        if transpose and target is not None:
+            spec = tuple(target.spec) + (None,) * (x.ndim - len(target.spec))
+            src = NamedSharding(target.mesh, PartitionSpec(*reversed(spec)))
+        out = _device_layout(put(x, src), pd.name, transpose)
+        if target is not None and not out.sharding.is_equivalent_to(target, out.ndim):
+            out = jax.device_put(out, target)
+        return out
+
     for grp in groups:
         if grp in fresh:
             continue
-        parts = _to_ours(grp, ckpt.get(resolved[grp.hf]), cfg)
-        for o, x in zip(grp.ours, parts, strict=True):
-            values[o] = place(o, x)
-        del parts
+        x = ckpt.get(resolved[grp.hf])
+        if grp.kind == "T":
+            values[grp.ours[0]] = place(grp.ours[0], x, transpose=True)
+        else:
+            for o, part in zip(grp.ours, _to_ours(grp, x, cfg), strict=True):
+                values[o] = place(o, part)
+        del x
     for grp in fresh:
         (o,) = grp.ours
         std = 1.0 / math.sqrt(cfg.hidden_size + 1)
@@ -451,7 +487,10 @@ def save_pretrained(model: Transformer, out_dir: str, max_shard_size: int | str 
         cur, cur_size = {}, 0
 
     for grp in weight_groups(cfg):
-        x = _to_hf(grp, [_to_host(flat[o]) for o in grp.ours], cfg)
+        if grp.kind == "T":  # transpose on device (fast), then gather
+            x = _to_host(_device_layout(flat[grp.ours[0]], flat[grp.ours[0]].dtype.name, True))
+        else:
+            x = _to_hf(grp, [_to_host(flat[o]) for o in grp.ours], cfg)
         if cur and cur_size + x.nbytes > limit:
             flush()
         cur[grp.hf] = np.ascontiguousarray(x)

@@ -1,0 +1,1 @@
+"""Benchmarks: the side-by-side comparison with TRL and Tunix (``compare``) and its shared workload."""

@@ -6,9 +6,13 @@ float32 whatever the input dtype (bfloat16 logits in, float32 out; float64 stays
 :func:`aggregate_loss` (token-mean, sequence-mean or sequence-sum), which also accepts a global
 denominator so that gradient accumulation over micro-batches gives the full-batch numbers.
 
-Masks are ``1`` (or any non-zero weight) on valid entries and ``0`` elsewhere. Masked slots never
-influence a result: they are selected away with ``jnp.where`` before any arithmetic, so padding
-that holds garbage, ``inf`` or ``NaN`` cannot leak into means, whitening or GAE.
+Masks are ``1`` (or any non-zero weight) on valid entries and ``0`` elsewhere. In every function
+that takes a mask, masked slots never influence a result: they are selected away with
+``jnp.where`` before any arithmetic, so padding that holds garbage, ``inf`` or ``NaN`` cannot leak
+into means, whitening, aggregation or GAE. The per-token kernels without a mask
+(``ppo_policy_loss``, ``kl_penalty``, ...) compute every slot; their masked slots are dropped by
+:func:`aggregate_loss`. (Gradients: feed them finite values in masked slots, as
+:func:`shifted_logprobs` and :func:`gae` do by writing 0 there, since ``0 * NaN`` is ``NaN``.)
 
 API (shapes: ``B`` batch, ``T`` time, ``V`` vocabulary):
 
@@ -405,7 +409,8 @@ def aggregate_loss(
     ``global_denominator``. For gradient accumulation pass the *global* denominator of the whole
     step (the sum of :func:`loss_denominator` over its micro-batches) to every micro-batch and
     **sum** the micro-batch losses: the result equals the full-batch value exactly, whatever the
-    split. Masked slots may hold ``NaN``/``inf``.
+    split. Masked slots of ``per_token`` may hold ``NaN``/``inf``: the value ignores them (for a
+    finite *gradient* they must be finite where the loss was computed from differentiated inputs).
 
     Args:
       per_token: ``[B, T]`` unreduced loss (e.g. from :func:`ppo_policy_loss`).

@@ -40,7 +40,9 @@ def mesh_shape(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
         if n_devices % known:
             raise ValueError(f"config.mesh {sizes}: {n_devices} devices not divisible by {known}")
         sizes[fill[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
+    if math.prod(sizes.values()) > n_devices or (
+        jax.process_count() > 1 and math.prod(sizes.values()) != n_devices
+    ):
         raise ValueError(
             f"config.mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are available"
         )
@@ -48,10 +50,15 @@ def mesh_shape(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` from a config mapping."""
+    """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` from a config mapping.
+
+    A single process may ask for fewer devices than it has (e.g. ``data=1`` on an 8-device host):
+    the mesh then uses the first ones. Several processes must use every device.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(axes, len(devices))
     shape = tuple(sizes[a] for a in AXES)
+    devices = devices[: math.prod(shape)]
     try:
         dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # fake CPU devices / unusual topologies: plain row-major order

@@ -332,3 +332,8 @@ def test_base_model_checkpoint_without_prefix_loads(tmp_path):
     save_file(sd, str(f), metadata={"format": "pt"})
     ids = expected("gpt2")["input_ids"]
     np.testing.assert_allclose(run(M.from_pretrained(str(d)), ids), expected("gpt2")["logits"], atol=1e-4)
+
+
+def test_unknown_path_or_offline_hub_id_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        M.from_pretrained("no-such-org/no-such-model-xyz")

@@ -20,7 +20,10 @@ def get_config(arg: str = "full"):
     c.model.dtype = "float32"
     c.tokenizer = paths.tokenizer
     c.data = d.data(
-        path=paths.pairs, eval_fraction=0.1, max_prompt_length=s.max_prompt_length, max_length=s.max_length
+        path=paths.pairs,
+        eval_fraction=s.rm_eval_fraction,
+        max_prompt_length=s.max_prompt_length,
+        max_length=s.max_length,
     )
     c.batch_size = s.pair_batch
     c.total_steps = s.rm_steps

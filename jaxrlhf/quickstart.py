@@ -1,0 +1,626 @@
+r"""The quickstart: the whole RLHF pipeline on synthetic reviews, from scratch, on a CPU in minutes.
+
+    python -m jaxrlhf.quickstart [--workdir=workdirs/quickstart] [--size=full|smoke] [--force]
+
+A stand-in for the controlled-sentiment task of the DPO paper (IMDb there, ``jaxrlhf.tasks.reviews``
+here), run as a pipeline of stages. Each training stage is an ordinary config
+(``configs/quickstart/<stage>.py``) run by ``jaxrlhf.trainer.loop.run``, exactly as
+``python -m jaxrlhf.train --config=configs/quickstart/<stage>.py:full,<workdir>`` would run it:
+
+  a. data    synthetic review SFT data and review-opening prompts (train / held-out) as JSONL.
+  b. sft     a tiny Llama trained from scratch on the reviews (mixed-sentiment completions).
+  c. pairs   k samples per train prompt from the SFT model; chosen = best gold score,
+             rejected = worst (DPO paper, §6.1); written as prompt/chosen/rejected JSONL.
+  d. reward  a Bradley-Terry reward model on those pairs (SFT body, fresh scalar head).
+  e. dpo     DPO from the SFT model on the pairs (frozen SFT reference).
+  f. ppo     PPO from the SFT model against the learned reward model, with the study's recipe
+             (advantage whitening, EMA reference, the largest rollout batch the budget allows).
+  g. eval    SFT, DPO and PPO on held-out prompts, judged by the gold scorer (the "human"):
+             gold reward, KL to SFT, win rate vs SFT -> console table, table.md, results.json and
+             reward_vs_kl.png in ``<workdir>/results``.
+
+A stage whose output exists is skipped (rerun to resume after an interruption; a training stage
+interrupted mid-way resumes from its checkpoint); ``--force`` reruns every stage from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and paths (read by configs/quickstart/*.py through ``parse_config_arg``).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Every size of one quickstart run (``SIZES["full"]`` is the README's main job)."""
+
+    seed: int
+    model: dict  # ``config_defaults.model(**model)``: a randomly initialised Llama
+    n_sft: int  # SFT reviews
+    n_train_prompts: int  # prompts for pairs and PPO rollouts
+    n_eval_prompts: int  # held-out prompts for the final table
+    max_prompt_length: int  # tokens (BOS included); openings are 2-5 words
+    max_length: int  # prompt + response tokens (reviews are <= 40 words + EOS)
+    max_new_tokens: int  # sampled response length bound
+    sft_batch: int
+    sft_steps: int
+    sft_lr: float
+    pair_samples: int  # k samples per prompt for best/worst pairs
+    sample_batch: int  # prompts per sampler call (times pair_samples rows)
+    pair_batch: int  # pairs per step (reward model and DPO)
+    rm_steps: int
+    rm_lr: float
+    rm_eval_fraction: float  # pairs held out for the reward model's accuracy
+    dpo_steps: int
+    dpo_lr: float
+    dpo_beta: float
+    ppo_iterations: int
+    ppo_rollout_batch: int
+    ppo_minibatch: int
+    ppo_epochs: int
+    ppo_lr: float
+    critic_lr: float
+    ppo_kl_coef: float
+    ppo_ema_decay: float
+    eval_batch: int
+    progress_bar: bool
+
+
+_FULL_MODEL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=64,
+)
+_SMOKE_MODEL = dict(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    max_position_embeddings=64,
+)
+
+SIZES = {
+    "full": Sizes(
+        seed=0,
+        model=_FULL_MODEL,
+        n_sft=8000,
+        n_train_prompts=1024,
+        n_eval_prompts=512,
+        max_prompt_length=8,
+        max_length=48,
+        max_new_tokens=40,
+        sft_batch=64,
+        sft_steps=600,
+        sft_lr=3e-3,
+        pair_samples=4,
+        sample_batch=128,
+        pair_batch=32,
+        rm_steps=150,
+        rm_lr=5e-4,
+        rm_eval_fraction=0.1,
+        dpo_steps=150,
+        dpo_lr=2e-4,
+        dpo_beta=0.1,
+        ppo_iterations=40,
+        ppo_rollout_batch=128,
+        ppo_minibatch=32,
+        ppo_epochs=2,
+        ppo_lr=1e-4,
+        critic_lr=3e-4,
+        ppo_kl_coef=0.05,
+        ppo_ema_decay=0.99,
+        eval_batch=128,
+        progress_bar=True,
+    ),
+    "smoke": Sizes(
+        seed=0,
+        model=_SMOKE_MODEL,
+        n_sft=256,
+        n_train_prompts=64,
+        n_eval_prompts=16,
+        max_prompt_length=8,
+        max_length=48,
+        max_new_tokens=16,
+        sft_batch=16,
+        sft_steps=30,
+        sft_lr=1e-2,
+        pair_samples=4,
+        sample_batch=16,
+        pair_batch=8,
+        rm_steps=4,
+        rm_lr=1e-3,
+        rm_eval_fraction=0.2,
+        dpo_steps=4,
+        dpo_lr=1e-3,
+        dpo_beta=0.1,
+        ppo_iterations=2,
+        ppo_rollout_batch=16,
+        ppo_minibatch=8,
+        ppo_epochs=1,
+        ppo_lr=1e-4,
+        critic_lr=1e-4,
+        ppo_kl_coef=0.05,
+        ppo_ema_decay=0.9,
+        eval_batch=16,
+        progress_bar=False,
+    ),
+}
+
+DEFAULT_WORKDIR = os.path.join("workdirs", "quickstart")
+STAGES = ("data", "sft", "pairs", "reward", "dpo", "ppo", "eval")
+POLICIES = ("sft", "dpo", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes under the quickstart's workdir."""
+
+    workdir: str
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    @property
+    def tokenizer(self) -> str:
+        from jaxrlhf.tasks import reviews
+
+        return reviews.tokenizer_path()
+
+    sft_data = property(lambda self: self._p("data", "sft.jsonl"))
+    train_prompts = property(lambda self: self._p("data", "prompts_train.jsonl"))
+    eval_prompts = property(lambda self: self._p("data", "prompts_eval.jsonl"))
+    pairs = property(lambda self: self._p("data", "pairs.jsonl"))
+    pairs_stats = property(lambda self: self._p("data", "pairs_stats.json"))
+    results = property(lambda self: self._p("results"))
+    timings = property(lambda self: self._p("timings.json"))
+
+    def stage_dir(self, stage: str) -> str:
+        return self._p(stage)
+
+    def export(self, stage: str) -> str:
+        return self._p(stage, "hf")
+
+    sft_export = property(lambda self: self.export("sft"))
+    rm_export = property(lambda self: self.export("reward"))
+
+
+def parse_config_arg(arg: str | None) -> tuple[Sizes, Paths]:
+    """``"SIZE[,WORKDIR]"`` (a config file's argument) -> ``(Sizes, Paths)``."""
+    size, _, workdir = (arg or "full").partition(",")
+    if size not in SIZES:
+        raise ValueError(f"quickstart config argument: size {size!r} is not one of {sorted(SIZES)}")
+    return SIZES[size], Paths(workdir or DEFAULT_WORKDIR)
+
+
+def config_dir() -> str:
+    """``configs/quickstart`` of the repository this package lives in."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart")
+
+
+def load_config(stage: str, size: str, workdir: str):
+    """``get_config("<size>,<workdir>")`` of ``configs/quickstart/<stage>.py`` (as ``--config=`` loads it)."""
+    path = os.path.join(config_dir(), f"{stage}.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"quickstart: no config for stage {stage!r} at {path}")
+    spec = importlib.util.spec_from_file_location(f"quickstart_config_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"{size},{workdir}")
+    config.lock()
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages.
+# ----------------------------------------------------------------------------------------------
+def stage_data(s: Sizes, p: Paths) -> dict[str, Any]:
+    """(a) SFT reviews and train / held-out prompts (held-out openings never appear in the others)."""
+    from jaxrlhf.tasks import common, reviews
+
+    n = reviews.write_sft_jsonl(p.sft_data, s.n_sft, seed=s.seed)
+    sft_prompts = [r["prompt"] for r in common.read_jsonl(p.sft_data)]
+    train = reviews.review_prompts(s.n_train_prompts, seed=s.seed + 1)
+    held_out = reviews.review_prompts(
+        s.n_eval_prompts, seed=s.seed + 2, exclude=set(sft_prompts) | set(train)
+    )
+    common.write_jsonl(p.train_prompts, ({"prompt": t} for t in train))
+    common.write_jsonl(p.eval_prompts, ({"prompt": t} for t in held_out))
+    return {"sft_rows": n, "train_prompts": len(train), "eval_prompts": len(held_out)}
+
+
+def train_stage(stage: str, size: str, p: Paths) -> dict[str, Any]:
+    """(b, d, e, f) ``loop.run`` of ``configs/quickstart/<stage>.py``; returns its last logged metrics."""
+    from jaxrlhf.trainer import loop
+
+    config = load_config(stage, size, p.workdir)
+    result = loop.run(config, p.stage_dir(stage))
+    if result.get("interrupted"):
+        raise KeyboardInterrupt(f"stage {stage} stopped by a signal; rerun to resume from its checkpoint")
+    if "history" in result and result["history"]:  # PPO: per-iteration metrics
+        metrics = {"first": _floats(result["history"][0]), "last": _floats(result["history"][-1])}
+    else:
+        metrics = {"last": _floats(result.get("metrics", {}))}
+        if "eval" in result:
+            metrics["eval"] = _floats(result["eval"])
+    return metrics
+
+
+def _floats(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, int | float) or getattr(v, "ndim", 1) == 0}
+
+
+def sample_prompts(policy_dir: str, prompts_path: str, s: Sizes, k: int, seed: int, desc: str):
+    """``k`` samples per prompt of ``prompts_path`` from the HF-format policy at ``policy_dir``.
+
+    Returns ``(prompts [P], responses [P][k])`` as text (responses cut at EOS, special tokens dropped);
+    ``P`` is the number of prompts rounded down to a multiple of ``s.sample_batch``.
+    """
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from jaxrlhf import data as data_lib
+    from jaxrlhf import evaluate, ppo
+    from jaxrlhf.config_defaults import generation
+    from jaxrlhf.sharding import make_mesh, shard_batch
+    from jaxrlhf.tasks import common
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    tokenizer = data_lib.load_tokenizer(Paths("").tokenizer)
+    dcfg = data_lib.default_data_config(
+        path=prompts_path,
+        max_prompt_length=s.max_prompt_length,
+        max_length=s.max_prompt_length + s.max_new_tokens,
+        bucket=False,
+        shuffle=False,
+    )
+    ds, _ = data_lib.build_datasets(dcfg, tokenizer, "prompt")
+    source = common.read_jsonl(prompts_path)
+    graphdef, params = evaluate.load_policy(policy_dir, "float32", mesh)
+    sampler = ppo.make_sampler(graphdef, generation(max_new_tokens=s.max_new_tokens), tokenizer, mesh)
+    batch = min(s.sample_batch, len(ds))
+    it = data_lib.BatchIterator(ds, batch, shuffle=False, repeat=False, process_index=0, process_count=1)
+    prompts, responses = [], []
+    for b, host in enumerate(tqdm(it, total=len(ds) // batch, desc=desc, unit="batch")):
+        rep = {key: np.repeat(host[key], k, axis=0) for key in ("prompt_ids", "prompt_mask")}
+        dev = shard_batch(mesh, rep)
+        out = sampler(
+            params, dev["prompt_ids"], dev["prompt_mask"], jax.random.fold_in(jax.random.key(seed), b)
+        )
+        ids, mask = np.asarray(ppo.gather(out.response_ids)), np.asarray(ppo.gather(out.response_mask))
+        texts = [common.clean_response(t) for t in ppo.decode_texts(tokenizer, ids, mask)]
+        for r, i in enumerate(host["index"]):
+            prompts.append(source[ds.row(int(i))["source_index"]]["prompt"])
+            responses.append(texts[r * k : (r + 1) * k])
+    return prompts, responses
+
+
+def stage_pairs(s: Sizes, p: Paths) -> dict[str, Any]:
+    """(c) DPO-paper pairs: ``k`` SFT samples per train prompt, best vs worst gold score."""
+    import numpy as np
+
+    from jaxrlhf.tasks import common, reviews
+
+    prompts, samples = sample_prompts(
+        p.sft_export, p.train_prompts, s, s.pair_samples, seed=s.seed + 10, desc="sampling pairs"
+    )
+    flat_p = [q for q, row in zip(prompts, samples, strict=True) for _ in row]
+    flat_r = [r for row in samples for r in row]
+    scores = reviews.reward(flat_p, flat_r).reshape(len(prompts), s.pair_samples)
+    # An empty side (EOS sampled first) has no response token to score or to learn from.
+    pairs = [r for r in common.best_worst_pairs(prompts, samples, scores) if r["chosen"] and r["rejected"]]
+    if len(pairs) < 2 * s.pair_batch:
+        raise RuntimeError(
+            f"stage pairs: only {len(pairs)} usable pairs from {len(prompts)} prompts (need >= "
+            f"{2 * s.pair_batch}); the SFT model's samples are too uniform - train SFT longer"
+        )
+    common.write_preference_jsonl(p.pairs, pairs)
+    chosen = np.asarray([scores[i].max() for i in range(len(prompts))])
+    stats = {
+        "prompts": len(prompts),
+        "samples_per_prompt": s.pair_samples,
+        "pairs": len(pairs),
+        "sft_gold_mean": float(scores.mean()),
+        "sft_frac_positive": float(np.mean(scores > 0.5)),
+        "sft_frac_negative": float(np.mean(scores < 0.5)),
+        "chosen_gold_mean": float(chosen.mean()),
+        "rejected_gold_mean": float(scores.min(axis=1).mean()),
+        "example": {"prompt": prompts[0], "samples": samples[0], "gold": [float(x) for x in scores[0]]},
+    }
+    with open(p.pairs_stats, "w") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: int = 0) -> dict[str, dict]:
+    """Gold reward, KL to ``baseline`` and win rate vs ``baseline`` of each policy on ``config.data``.
+
+    Same metrics as ``jaxrlhf.evaluate.evaluate`` (one sample per prompt; KL = mean over prompts of
+    ``sum_t log pi(y_t) - log pi_base(y_t)`` on the policy's own samples; win rate = fraction of
+    prompts where the policy's sample out-scores an independent baseline sample, ties one half),
+    but with one sampler and one log-prob compile shared by all policies (they share an
+    architecture) and the baseline's samples drawn once.
+
+    Args:
+      config: ``configs/quickstart/evaluate.py`` (prompts, tokenizer, sampler, judge).
+      policies: name -> HF-format directory.
+      baseline: HF-format directory of the reference policy (the SFT model).
+
+    Returns:
+      name -> ``{gold_reward, gold_reward_sem, kl_to_sft, win_rate_vs_sft, response_length, prompts}``.
+    """
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from jaxrlhf import data as data_lib
+    from jaxrlhf import evaluate, ppo
+    from jaxrlhf.sharding import make_mesh, shard_batch
+
+    mesh = make_mesh(config.mesh)
+    tokenizer = data_lib.load_tokenizer(config.tokenizer)
+    ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
+    batch = min(config.eval_batch_size, len(ds))
+    n_batches = len(ds) // batch
+    judge = ppo.build_reward(config, mesh, tokenizer, ds)
+    graphdef, base_params = evaluate.load_policy(baseline, config.model.dtype, mesh)
+    sampler = ppo.make_sampler(graphdef, config.generation, tokenizer, mesh)
+    logps = jax.jit(lambda params, seq: evaluate.sequence_logps(graphdef, params, seq))
+    structure = jax.tree.structure(base_params)
+
+    def sample(params, salt: int, desc: str) -> list[dict]:
+        it = data_lib.BatchIterator(ds, batch, shuffle=False, repeat=False, process_index=0, process_count=1)
+        out = []
+        for b, host in enumerate(tqdm(it, total=n_batches, desc=desc, unit="batch", leave=False)):
+            prompts = shard_batch(mesh, {k: host[k] for k in ("prompt_ids", "prompt_mask")})
+            rng = jax.random.fold_in(jax.random.key(seed + salt), b)
+            gen = sampler(params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
+            seq = ppo.response_sequences(
+                prompts["prompt_ids"], prompts["prompt_mask"], gen.response_ids, gen.response_mask
+            )
+            scores = np.asarray(jax.device_get(judge(seq, host["prompt_ids"].shape[1], host["index"])))
+            length = np.asarray(ppo.gather(gen.response_mask)).sum(-1)
+            out.append({"seq": seq, "scores": scores, "length": length})
+        return out
+
+    base_scores = np.concatenate([o["scores"] for o in sample(base_params, 2, "baseline samples")])
+    rows = {}
+    for name, path in tqdm(policies.items(), desc="evaluating", unit="policy"):
+        params = base_params if path == baseline else evaluate.load_policy(path, config.model.dtype, mesh)[1]
+        if jax.tree.structure(params) != structure:
+            raise ValueError(f"compare_policies: {path} has a different architecture than {baseline}")
+        pol = sample(params, 1, f"{name} samples")
+        scores = np.concatenate([o["scores"] for o in pol])
+        kl = np.concatenate(
+            [np.asarray(ppo.gather(logps(params, o["seq"]) - logps(base_params, o["seq"]))) for o in pol]
+        )
+        rows[name] = {
+            "gold_reward": float(scores.mean()),
+            "gold_reward_sem": float(scores.std() / math.sqrt(len(scores))),
+            "kl_to_sft": float(kl.mean()),
+            "win_rate_vs_sft": float(np.mean((scores > base_scores) + 0.5 * (scores == base_scores))),
+            "response_length": float(np.concatenate([o["length"] for o in pol]).mean()),
+            "prompts": len(scores),
+        }
+    return rows
+
+
+def stage_eval(s: Sizes, size: str, p: Paths, stage_metrics: dict[str, Any]) -> dict[str, Any]:
+    """(g) SFT, DPO and PPO on held-out prompts, judged by the gold scorer; writes the results."""
+    config = load_config("evaluate", size, p.workdir)
+    rows = compare_policies(config, {n: p.export(n) for n in POLICIES}, p.sft_export, seed=s.seed + 20)
+    os.makedirs(p.results, exist_ok=True)
+    results = {"size": size, "sizes": dataclasses.asdict(s), "table": rows, "stages": stage_metrics}
+    write_results(results, p.results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: console / markdown table, JSON, reward-vs-KL plot.
+# ----------------------------------------------------------------------------------------------
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table, one row per policy (gold reward ± s.e.m., KL to SFT, win rate vs SFT)."""
+    lines = [
+        "| policy | gold reward (mean ± s.e.m.) | KL to SFT (nats/seq) | win rate vs SFT | response length |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name.upper()} | {r['gold_reward']:.3f} ± {r['gold_reward_sem']:.3f} | {r['kl_to_sft']:.2f} "
+            f"| {r['win_rate_vs_sft']:.3f} | {r['response_length']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_reward_vs_kl(rows: dict[str, dict[str, float]], out_path: str) -> str | None:
+    """Gold reward against KL to SFT, one point per policy (PNG); ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed; skipping %s (pip install matplotlib)", out_path)
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    colors = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange"}
+    for name, r in rows.items():
+        ax.errorbar(
+            r["kl_to_sft"], r["gold_reward"], yerr=r["gold_reward_sem"], fmt="o", ms=8,
+            color=colors.get(name), capsize=3, label=f"{name.upper()} (win {r['win_rate_vs_sft']:.2f})",
+        )  # fmt: skip
+    ax.set_xlabel("KL(policy || SFT), nats per sequence")
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_title("Synthetic reviews: gold reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def write_results(results: dict[str, Any], out_dir: str) -> None:
+    table = format_table(results["table"])
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_reward_vs_kl(results["table"], os.path.join(out_dir, "reward_vs_kl.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline.
+# ----------------------------------------------------------------------------------------------
+def stage_done(stage: str, p: Paths) -> bool:
+    """Whether ``stage``'s final output exists (then the stage is skipped)."""
+    outputs = {
+        "data": [p.sft_data, p.train_prompts, p.eval_prompts],
+        "pairs": [p.pairs, p.pairs_stats],
+        "eval": [os.path.join(p.results, "results.json")],
+    }.get(stage, [os.path.join(p.export(stage), "config.json")])
+    return all(os.path.exists(o) for o in outputs)
+
+
+def run_pipeline(workdir: str = DEFAULT_WORKDIR, size: str = "full", force: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) every stage in ``workdir``; returns ``results.json``'s content."""
+    if size not in SIZES:
+        raise ValueError(f"--size={size!r}: expected one of {sorted(SIZES)}")
+    s, p = SIZES[size], Paths(workdir)
+    if force and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    timings = {}
+    if os.path.exists(p.timings):
+        with open(p.timings) as f:
+            timings = json.load(f)
+    metrics: dict[str, Any] = timings.pop("_metrics", {})
+    cpu: dict[str, float] = timings.pop("_cpu", {})
+    for stage in STAGES:
+        if stage_done(stage, p):
+            print(f"[quickstart] stage {stage}: done already (in {workdir}), skipping", flush=True)
+            continue
+        print(f"[quickstart] stage {stage} ...", flush=True)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        if stage == "data":
+            out = stage_data(s, p)
+        elif stage == "pairs":
+            out = stage_pairs(s, p)
+        elif stage == "eval":
+            metrics["wall_s"] = {k: round(v, 1) for k, v in timings.items()}
+            out = None
+            results = stage_eval(s, size, p, metrics)
+        else:
+            out = train_stage(stage, size, p)
+        timings[stage] = time.perf_counter() - t0
+        cpu[stage] = _cpu_seconds() - c0
+        if out is not None:
+            metrics[stage] = out
+        print(f"[quickstart] stage {stage}: {timings[stage]:.1f}s {_summary(stage, out)}", flush=True)
+        with open(p.timings, "w") as f:
+            json.dump({**timings, "_cpu": cpu, "_metrics": metrics}, f, indent=2)
+    with open(os.path.join(p.results, "results.json")) as f:
+        results = json.load(f)
+    results["stages"]["wall_s"] = {k: round(v, 1) for k, v in timings.items()}
+    results["stages"]["cpu_s"] = {k: round(v, 1) for k, v in cpu.items()}
+    results["wall_s_total"] = round(sum(timings.values()), 1)
+    results["cpu_s_total"] = round(sum(cpu.values()), 1)
+    results["hardware"] = hardware()
+    write_results(results, p.results)
+    print("\n" + format_table(results["table"]), flush=True)
+    print(
+        f"\n[quickstart] total {results['wall_s_total']:.0f}s of stage time; results in {p.results}/"
+        " (table.md, results.json, reward_vs_kl.png)",
+        flush=True,
+    )
+    return results
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, usable cores and the JAX backend (for the results' wall times)."""
+    import platform
+
+    import jax
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores, "backend": jax.default_backend(), "jax": jax.__version__}
+
+
+def _summary(stage: str, out: dict | None) -> str:
+    if not out:
+        return ""
+    if stage == "pairs":
+        return (
+            f"{out['pairs']} pairs; SFT samples gold mean {out['sft_gold_mean']:.3f}, "
+            f"{out['sft_frac_positive']:.0%} positive / {out['sft_frac_negative']:.0%} negative"
+        )
+    if stage == "data":
+        return json.dumps(out)
+    last = out.get("last", {})
+    keys = {
+        "sft": ["nll"],
+        "reward": ["bt_loss", "accuracy"],
+        "dpo": ["dpo_loss", "rewards/accuracy", "rewards/margin"],
+        "ppo": ["reward/raw_mean", "kl_ref/k1"],
+    }.get(stage, [])
+    shown = {k: last[k] for k in keys if k in last}
+    if "eval" in out:
+        shown.update({f"eval/{k}": v for k, v in out["eval"].items() if "acc" in k})
+    return ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+
+
+def define_flags() -> dict[str, Any]:
+    """The CLI's flags (defined only when run as a script: configs import this module)."""
+    return dict(
+        workdir=flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Directory of every stage's outputs."),
+        size=flags.DEFINE_enum("size", "full", sorted(SIZES), "full: the README's main job; smoke: seconds."),
+        force=flags.DEFINE_bool("force", False, "Delete the workdir and rerun every stage."),
+        verbose=flags.DEFINE_bool(
+            "verbose", False, "Log the trainers' INFO lines (metrics every log_every)."
+        ),
+    )
+
+
+def main(argv, f: dict[str, Any]):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO if f["verbose"].value else logging.WARNING)
+    run_pipeline(f["workdir"].value, f["size"].value, f["force"].value)
+    return 0
+
+
+if __name__ == "__main__":
+    _flags = define_flags()
+    sys.exit(app.run(lambda argv: main(argv, _flags)))

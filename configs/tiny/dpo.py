@@ -26,5 +26,6 @@ def get_config():
     c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
     c.checkpoint.every = 10
     c.log_every = 5
+    c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device, whatever the host has
     c.progress_bar = False
     return c

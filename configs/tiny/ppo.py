@@ -29,5 +29,6 @@ def get_config():
     c.optim = d.optim(lr=1e-3, warmup_steps=0, schedule="constant")
     c.checkpoint.every = 2
     c.log_every = 1
+    c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device, whatever the host has
     c.progress_bar = False
     return c

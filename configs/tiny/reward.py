@@ -26,5 +26,6 @@ def get_config():
     c.reward = dict(use_margin=False)
     c.checkpoint.every = 10
     c.log_every = 5
+    c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device, whatever the host has
     c.progress_bar = False
     return c

@@ -23,5 +23,6 @@ def get_config():
     c.optim = d.optim(lr=3e-3, warmup_steps=2)
     c.checkpoint.every = 10
     c.log_every = 5
+    c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device, whatever the host has
     c.progress_bar = False
     return c

@@ -300,7 +300,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         train_it.set_state(side["data"])
     stop = checkpoint.StopSignal()
     log = Logger(workdir, config.total_steps, start, progress_bar=config.progress_bar)
-    result: dict[str, Any] = {"step": start, "interrupted": False}
+    result: dict[str, Any] = {"step": start, "interrupted": False, "history": []}
 
     # ---------------- loop ----------------
     history: list[dict] = []
@@ -321,6 +321,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                 host["data/padding_fraction"] = train_it.last_padding_fraction
                 host["skipped_total"] = float(jax.device_get(state.skipped))
                 result["metrics"] = log.write(step, host)
+                result["history"].append(result["metrics"])
                 consecutive = int(jax.device_get(state.consecutive_skips))
                 if consecutive >= config.max_consecutive_skips:
                     raise TooManySkips(

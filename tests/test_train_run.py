@@ -1,0 +1,284 @@
+"""The driver end to end: every shipped config trains a step with no unread key, loss goes down,
+bit-exact resume, SIGTERM save, kill -9 leftovers ignored, config mismatch named, NaN stop, 2 processes."""
+
+import glob
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxrlhf import config_utils, models
+from jaxrlhf.trainer import algorithms, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+CHAR_TOK = os.path.join(FIX, "tokenizers", "char_pad_eos")
+
+
+def load_config(relpath):
+    path = os.path.join(ROOT, relpath)
+    spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny qwen2 checkpoint in HF format standing in for the real configs' hub models."""
+    out = str(tmp_path_factory.mktemp("tiny_qwen"))
+    model = models.init(
+        "qwen2",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    models.save_pretrained(model, out)
+    return out
+
+
+def shrink(config, tiny_hf):
+    """Points a real experiment config at tiny local models and fixture data, one step long."""
+    c = config
+    algo = c.algorithm
+    with c.unlocked():
+        if c.model.path:
+            c.model.path = tiny_hf
+            c.model.dtype = "float32"
+        c.tokenizer = CHAR_TOK if c.model.path or "tiny" not in c.tokenizer else c.tokenizer
+        c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        c.progress_bar = False
+        c.export_hf = True
+        c.checkpoint.async_save = False
+        if algo in ("sft", "reward", "dpo"):
+            c.total_steps = 2
+            c.log_every = 1
+            c.batch_size = 8
+            c.micro_batches = min(c.micro_batches, 2)
+            c.pad_to_multiple_of = c.data.max_length
+            if c.eval_every:
+                c.eval_every = 2
+                c.eval_batches = 1
+        if not c.data.path.startswith("tests/"):
+            c.data.path = os.path.join(FIX, "data", {"sft": "sft_messages.jsonl"}.get(algo, "hh_rlhf.jsonl"))
+            c.data.max_prompt_length, c.data.max_length = 192, 320
+            c.data.split = "train"
+            if c.data.get("eval_split"):
+                c.data.eval_split = c.data.path
+        if algo == "ppo":
+            c.ppo.iterations = 1
+            c.ppo.rollout_batch_size, c.ppo.minibatch_size = 8, 4
+            c.micro_batches = 2
+            c.generation.max_new_tokens = 4
+            if c.critic.model.path:
+                c.critic.model.path = tiny_hf
+            if c.reward.fn == "" and c.reward.model.path:
+                c.reward.model.path = tiny_hf
+        if algo == "dpo_iter":
+            c.dpo_iter.rounds = 1
+            c.dpo_iter.prompts_per_round, c.dpo_iter.samples_per_prompt = 8, 2
+            c.dpo_iter.steps_per_round = 1
+            c.batch_size = 4
+            c.generation.max_new_tokens = 4
+            if not c.reward.fn and c.reward.model.path:
+                c.reward.model.path = tiny_hf
+        c.log_every = 1
+    return c
+
+
+SHIPPED = sorted(
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+    if "/experiments/" not in p and not os.path.basename(p).startswith("_")
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relpath", SHIPPED)
+def test_every_shipped_config_trains_and_reads_every_key(relpath, tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    raw = shrink(load_config(relpath), tiny_hf)
+    tracked = config_utils.ReadTracker(raw)
+    result = loop.run(tracked, str(tmp_path / "w"))
+    assert config_utils.unread_keys(raw, tracked.reads) == [], relpath
+    assert result["step"] >= 1 and not result["interrupted"]
+    assert os.path.exists(os.path.join(result["export_dir"], "config.json"))
+    last = result["history"][-1]
+    assert all(np.isfinite(v) for v in last.values() if np.ndim(v) == 0), last
+
+
+@pytest.mark.parametrize("name,metric", [("sft", "nll"), ("reward", "bt_loss"), ("dpo", "dpo_loss")])
+def test_tiny_configs_learn(name, metric, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    c = load_config(f"configs/tiny/{name}.py")
+    with c.unlocked():
+        c.log_every = 1
+        c.checkpoint.async_save = False
+    result = loop.run(c, str(tmp_path / name))
+    first = np.mean([h[metric] for h in result["history"][:3]])
+    last = np.mean([h[metric] for h in result["history"][-3:]])
+    assert last < first - 0.02, (first, last)
+    assert "perf/tokens_per_s" in result["history"][-1]
+    assert 0.0 <= result["history"][-1]["data/padding_fraction"] < 1.0
+    assert os.path.exists(os.path.join(str(tmp_path / name), "tb"))
+    assert os.path.exists(os.path.join(str(tmp_path / name), "config.json"))
+    head = "scalar" if name == "reward" else None
+    exported = models.from_pretrained(result["export_dir"], head=head)
+    assert exported.config.num_layers == 2
+
+
+def _resume_config(total):
+    c = load_config("configs/tiny/sft.py")
+    with c.unlocked():
+        c.total_steps = total
+        c.optim.schedule = "constant"  # a schedule over total_steps would differ between the runs
+        c.checkpoint.every = 3
+        c.checkpoint.async_save = True
+        c.log_every = 1
+    return c
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    straight = loop.run(_resume_config(6), str(tmp_path / "a"))
+    first = loop.run(_resume_config(3), str(tmp_path / "b"))
+    assert first["step"] == 3
+    resumed = loop.run(_resume_config(6), str(tmp_path / "b"))
+    assert resumed["step"] == 6 and len(resumed["history"]) == 3  # steps 4..6 only
+    a, b = jax.device_get(straight["state"]), jax.device_get(resumed["state"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(
+        [h["loss"] for h in straight["history"][3:]], [h["loss"] for h in resumed["history"]]
+    )
+
+
+def test_resume_with_changed_config_names_the_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    loop.run(_resume_config(3), str(tmp_path / "r"))
+    c = _resume_config(4)
+    with c.unlocked():
+        c.optim.lr = 0.5
+        c.batch_size = 4
+    with pytest.raises(ValueError, match=r"optim\.lr.*batch_size|batch_size.*optim\.lr"):
+        loop.run(c, str(tmp_path / "r"))
+
+
+def test_partial_checkpoint_from_kill9_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    w = tmp_path / "k"
+    loop.run(_resume_config(3), str(w))
+    # What a save killed mid-write leaves behind: orbax's temporary directory for a later step.
+    junk = w / "checkpoints" / "9.orbax-checkpoint-tmp-1700000000000000"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "garbage").write_bytes(b"\x00" * 100)
+    resumed = loop.run(_resume_config(4), str(w))
+    assert resumed["step"] == 4 and len(resumed["history"]) == 1
+
+
+def test_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    real_build = algorithms.build
+
+    def nan_build(config, graphdef, algorithm=None):
+        loss_fn, den, ref = real_build(config, graphdef, algorithm)
+
+        def nan_loss(*args):
+            loss, metrics = loss_fn(*args)
+            return loss * jnp.nan, metrics
+
+        return nan_loss, den, ref
+
+    monkeypatch.setattr(algorithms, "build", nan_build)
+    c = _resume_config(10)
+    with c.unlocked():
+        c.max_consecutive_skips = 3
+    with pytest.raises(loop.TooManySkips, match="3 consecutive steps"):
+        loop.run(c, str(tmp_path / "nan"))
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    w = str(tmp_path / "sig")
+    cmd = [
+        sys.executable, "-m", "jaxrlhf.train", "--config=configs/tiny/sft.py", f"--workdir={w}",
+        "--config.total_steps=100000", "--config.checkpoint.every=100000", "--config.log_every=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    for line in proc.stderr:
+        if "step 3:" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, out[-3000:]
+    steps = [
+        int(os.path.basename(p))
+        for p in glob.glob(os.path.join(w, "checkpoints", "*"))
+        if os.path.basename(p).isdigit()
+    ]
+    assert steps and 3 <= max(steps) < 100000
+    assert "will checkpoint and stop" in out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """2 processes x 4 CPU devices (gloo collectives on localhost) == 1 process x 8 devices."""
+    common = [
+        sys.executable, "-m", "jaxrlhf.train", "--config=configs/tiny/dpo.py", "--config.total_steps=3",
+        "--config.batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.optim.name=sgd",
+        "--config.optim.b1=0.0", "--config.checkpoint.async_save=False",
+    ]  # fmt: skip
+    one = subprocess.run(
+        common + [f"--workdir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = _env(4)
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(
+            subprocess.Popen(
+                common + [f"--workdir={tmp_path / 'two'}"],
+                cwd=ROOT,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    assert "process 1 of 2" in errs[1] or "process 0 of 2" in errs[0]
+    a = load_file(os.path.join(tmp_path / "one", "hf", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path / "two", "hf", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)

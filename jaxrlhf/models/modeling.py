@@ -242,9 +242,13 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ pieces
     def _embed(self, input_ids, positions):
         dt = jnp.dtype(self.config.dtype)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        # Gather the (vocab x fsdp sharded) table before the lookup, as FSDP does for every weight:
+        # a lookup into the sharded table makes XLA replicate and re-partition its output.
+        table = constrain(self.embed[...], (None, None))
+        x = jnp.take(table, input_ids, axis=0).astype(dt)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+            pos_table = constrain(self.pos_embed[...], (None, None))
+            x = x + jnp.take(pos_table, positions, axis=0).astype(dt)
         return constrain(x, ("batch", "length", "embed"))
 
     def _rope(self, positions):

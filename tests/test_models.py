@@ -164,6 +164,20 @@ def test_kv_cache_matches_full_forward(name):
     assert step._cache_size() == 2  # prefill + one step shape; the index is traced
 
 
+def test_kv_cache_multi_token_chunks():
+    """Slots [index, index + t) with t > 1 after the prefill (speculative/chunked decoding)."""
+    model, ids = load("gpt2"), expected("gpt2")["input_ids"]
+    full = run(model, ids)
+    cache, cmask = model.init_cache(2, 10), np.zeros((2, 10), np.int32)
+    pos = np.broadcast_to(np.arange(10), (2, 10))
+    outs = []
+    for lo, hi in ((0, 4), (4, 7), (7, 10)):
+        cmask[:, lo:hi] = 1
+        out, cache = model.decode(ids[:, lo:hi], pos[:, lo:hi], cache, cmask, lo)
+        outs.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------- init / jit / remat
 def test_init_families_and_heads():
     ids = jnp.asarray(np.arange(12).reshape(2, 6) % 50, jnp.int32)
@@ -242,7 +256,7 @@ def test_save_sharded_then_load_round_trip(tmp_path):
     assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and hf_cfg["model_type"] == "llama"
 
 
-def test_sharded_loading_places_each_param_by_rules():
+def test_sharded_loading_places_each_param_by_rules(tmp_path):
     mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
     for name in ("llama", "gpt_neox_cls"):
         cfg = load(name).config
@@ -261,6 +275,9 @@ def test_sharded_loading_places_each_param_by_rules():
         with shd.activation_mesh(mesh):  # activations pinned by logical axes inside the trace
             out = run(model, np.concatenate([ids, ids]))
         np.testing.assert_allclose(out[:2], run(load(name), ids), atol=1e-5, rtol=0)
+        M.save_pretrained(model, str(tmp_path / name))  # gathers the sharded params
+        back = M.from_pretrained(str(tmp_path / name), head=cfg.head)
+        np.testing.assert_array_equal(run(back, ids), run(load(name), ids))
 
 
 def test_scalar_head_from_causal_lm_checkpoint_is_fresh():

@@ -356,3 +356,10 @@ def test_base_model_checkpoint_without_prefix_loads(tmp_path):
 def test_unknown_path_or_offline_hub_id_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         M.from_pretrained("no-such-org/no-such-model-xyz")
+
+
+def test_non_hf_weight_files_beside_model_safetensors_are_not_read(tmp_path):
+    d = _copy("gpt_neox", tmp_path)
+    save_file({"tok_embeddings.weight": np.zeros((4, 4), np.float32)}, str(d / "consolidated.safetensors"))
+    ids = expected("gpt_neox")["input_ids"]
+    np.testing.assert_allclose(run(M.from_pretrained(str(d)), ids), expected("gpt_neox")["logits"], atol=1e-4)

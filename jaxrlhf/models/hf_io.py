@@ -203,7 +203,11 @@ class _Checkpoint:
                 wm = json.load(fh)["weight_map"]
             self.files = {k: os.path.join(path, v) for k, v in wm.items()}
         else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            # HF names weights model*.safetensors; other files (Mistral's consolidated.safetensors,
+            # adapters) are other formats of the same or other weights.
+            files = sorted(glob.glob(os.path.join(path, "model*.safetensors"))) or sorted(
+                glob.glob(os.path.join(path, "*.safetensors"))
+            )
             self.files = {}
             if files:
                 from safetensors import safe_open
@@ -273,7 +277,7 @@ def _resolve(path: str, allow_pickle: bool) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors"] + (["*.bin"] if allow_pickle else [])
+        patterns = ["*.json", "model*.safetensors"] + (["*.bin"] if allow_pickle else [])
         return snapshot_download(repo_id=path, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, no huggingface_hub
         raise FileNotFoundError(

@@ -54,6 +54,10 @@ def init(
         (2 layers, hidden 64, vocab 256) that ``overrides`` resize.
       seed: ``nnx.Rngs`` seed. dtype, param_dtype: activation and parameter dtypes.
       head: ``None`` (LM) or ``"scalar"``. overrides: any ``ModelConfig`` field.
+      ``dtype``, ``param_dtype`` and ``head`` always apply, also over a given ``ModelConfig``'s
+      own values (pass ``head=cfg.head, dtype=cfg.dtype, ...`` to keep them).
+    Returns:
+      A ``Transformer``; ``nnx.split`` gives its ``nnx.Param`` state.
     """
     if isinstance(config_or_family, str):
         if config_or_family not in PRESETS:

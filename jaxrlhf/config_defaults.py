@@ -26,8 +26,8 @@ def base(algorithm: str) -> ml_collections.ConfigDict:
     if algorithm in ("sft", "reward", "dpo"):
         c.total_steps = 1000
         c.pad_to_multiple_of = 64  # batch lengths rounded up to this: few shapes, few compiles
-        c.eval_every = 0  # 0 disables evaluation on data.eval_split / data.eval_fraction
-        c.eval_batches = 8
+        c.eval_every = 0  # steps between evaluations on data.eval_split / data.eval_fraction; 0: none
+        c.eval_batches = 8  # batches per evaluation
     c.optim = optim()
     c.checkpoint = dict(every=500, keep=3, async_save=True)  # every: steps (PPO iterations, DPO-Iter rounds)
     c.log_every = 10

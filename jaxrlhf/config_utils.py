@@ -92,6 +92,15 @@ class ReadTracker:
     def keys(self):
         return self._cfg.keys()
 
+    def __iter__(self):
+        return iter(self._cfg.keys())
+
+    def __len__(self):
+        return len(self._cfg.keys())
+
+    def items(self):
+        return [(k, self[k]) for k in self._cfg.keys()]  # noqa: SIM118 - ConfigDict
+
     def to_dict(self):
         return self._cfg.to_dict()
 

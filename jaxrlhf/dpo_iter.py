@@ -26,6 +26,7 @@ from jaxrlhf.sharding import make_mesh, shard_batch
 from jaxrlhf.trainer import algorithms, checkpoint
 from jaxrlhf.trainer.logger import Logger, mean_metrics, quiet_libraries
 from jaxrlhf.trainer.loop import (
+    TooManySkips,
     check_resume_config,
     create_state,
     export_hf,
@@ -62,10 +63,25 @@ def pairs_batch(
     return out
 
 
+def validate(config) -> None:
+    """Checks ``config.dpo_iter`` and the run-length keys up front, naming the key."""
+    ic = config.dpo_iter
+    for key in ("rounds", "prompts_per_round", "steps_per_round"):
+        if ic[key] < 1:
+            raise ValueError(f"config.dpo_iter.{key} must be >= 1, got {ic[key]}")
+    if ic.samples_per_prompt < 2:
+        raise ValueError(
+            f"config.dpo_iter.samples_per_prompt must be >= 2 (best vs worst), got {ic.samples_per_prompt}"
+        )
+    if config.max_consecutive_skips < 1:
+        raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     distributed.maybe_initialize()
     quiet_libraries()
     check_resume_config(workdir, config)
+    validate(config)
     ic, gc = config.dpo_iter, config.generation
     mesh = make_mesh(config.mesh)
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
@@ -99,7 +115,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     reset_ref = jax.jit(
         lambda s: s.replace(ref_params=jax.tree.map(jnp.copy, s.params)), out_shardings=shardings
     )
-    sampler = make_sampler(graphdef, gc, tokenizer, mesh)
+    sampler = make_sampler(graphdef, gc, tokenizer, mesh, state.params)
 
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     restored = checkpoint.restore(manager, checkpoint.abstract_like(state, shardings))
@@ -160,6 +176,11 @@ def run(config, workdir: str) -> dict[str, Any]:
                     batch = shard_batch(mesh, {k: v[local] for k, v in pairs.items()})
                     state, m = train_step(state, batch)
                     history.append(m)
+                consecutive = int(jax.device_get(state.consecutive_skips))
+                if consecutive >= config.max_consecutive_skips:
+                    raise TooManySkips(
+                        f"DPO-Iter round {rnd}: {consecutive} consecutive steps had a non-finite loss"
+                    )
                 metrics.update({f"train/{k}": v for k, v in mean_metrics(history).items()})
                 metrics["time/train"] = time.perf_counter() - t0
             metrics["lr"] = float(schedule(int(jax.device_get(state.step))))

@@ -78,7 +78,7 @@ def evaluate(
     dtype = config.model.dtype
 
     def sample_all(graphdef, params, k: int, salt: int) -> list[dict]:
-        sampler = make_sampler(graphdef, gc, tokenizer, mesh)
+        sampler = make_sampler(graphdef, gc, tokenizer, mesh, params)
         it = data_lib.BatchIterator(ds, batch, seed=seed, shuffle=False, process_index=0, process_count=1)
         out = []
         for b in range(n_prompts // batch):

@@ -35,16 +35,16 @@ import optax
 from jaxrlhf import data as data_lib
 from jaxrlhf import distributed, losses
 from jaxrlhf import generation as gen_lib
-from jaxrlhf.sharding import activation_mesh, make_mesh, named_shardings, replicated, shard_batch
+from jaxrlhf.sharding import activation_mesh, make_mesh, replicated, shard_batch
 from jaxrlhf.trainer import checkpoint
 from jaxrlhf.trainer import state as state_lib
 from jaxrlhf.trainer.algorithms import apply_model, last_token_index
 from jaxrlhf.trainer.logger import Logger, quiet_libraries
 from jaxrlhf.trainer.loop import (
+    TooManySkips,
     check_resume_config,
     export_hf,
     load_model,
-    partition_rules,
     state_shardings,
 )
 from jaxrlhf.trainer.optim import make_optimizer
@@ -214,10 +214,16 @@ def build_reward(config, mesh, tokenizer, prompts_ds):
     return lambda seq, prompt_len, index: model_score(params, seq)
 
 
-def make_sampler(graphdef, gc, tokenizer, mesh, gen_param_shardings=None):
-    """The jitted sampler for ``config.generation``, stopping at the tokenizer's EOS."""
+def make_sampler(graphdef, gc, tokenizer, mesh, params):
+    """The jitted sampler for ``config.generation``, stopping at the tokenizer's EOS.
+
+    With ``gc.reshard`` the actor is resharded inside the call from its training layout into the
+    generation layout (``generation.generation_shardings``: FSDP gathered once per rollout instead
+    of once per token, tensor parallelism kept).
+    """
     eos = tokenizer.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    train_shardings = jax.tree.map(lambda x: x.sharding, params)
     return gen_lib.make_sampler(
         graphdef,
         max_new_tokens=gc.max_new_tokens,
@@ -227,7 +233,8 @@ def make_sampler(graphdef, gc, tokenizer, mesh, gen_param_shardings=None):
         eos_ids=eos_ids,
         pad_id=tokenizer.pad_token_id,
         mesh=mesh,
-        gen_param_shardings=gen_param_shardings,
+        param_shardings=train_shardings if gc.reshard else None,
+        gen_param_shardings=gen_lib.generation_shardings(train_shardings) if gc.reshard else None,
     )
 
 
@@ -309,6 +316,40 @@ def make_update_fn(step_fn, cfg, mesh):
     return update
 
 
+def validate(config) -> None:
+    """Checks every ``config.ppo`` setting up front, with messages naming the key."""
+    pc = config.ppo
+    for key in ("iterations", "rollout_batch_size", "minibatch_size", "epochs", "kl_horizon"):
+        if pc[key] < 1:
+            raise ValueError(f"config.ppo.{key} must be >= 1, got {pc[key]}")
+    if pc.rollout_batch_size % pc.minibatch_size:
+        raise ValueError(
+            f"config.ppo.rollout_batch_size={pc.rollout_batch_size} must be a multiple of "
+            f"config.ppo.minibatch_size={pc.minibatch_size}"
+        )
+    if pc.minibatch_size % config.micro_batches:
+        raise ValueError(
+            f"config.ppo.minibatch_size must be divisible by config.micro_batches={config.micro_batches}"
+        )
+    for key in ("clip_eps", "value_clip_eps", "kl_target"):
+        if not pc[key] > 0:
+            raise ValueError(f"config.ppo.{key} must be > 0, got {pc[key]}")
+    for key in ("vf_coef", "entropy_coef", "kl_coef"):
+        if pc[key] < 0:
+            raise ValueError(f"config.ppo.{key} must be >= 0, got {pc[key]}")
+    if not (0 <= pc.gamma <= 1 and 0 <= pc.lam <= 1):
+        raise ValueError(f"config.ppo.gamma and lam must be in [0, 1], got {pc.gamma}, {pc.lam}")
+    if pc.kl_mode not in ("reward", "loss"):
+        raise ValueError(f"config.ppo.kl_mode={pc.kl_mode!r}; expected 'reward' or 'loss'")
+    if pc.kl_estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"config.ppo.kl_estimator={pc.kl_estimator!r}; expected k1, k2 or k3")
+    for key in ("whiten_advantages", "adaptive_kl", "shuffle_minibatches"):
+        if not isinstance(pc[key], bool):
+            raise ValueError(f"config.ppo.{key} must be a bool, got {pc[key]!r}")
+    if config.max_consecutive_skips < 1:
+        raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
+
+
 def jit_update(update, shardings, mesh):
     """Jits ``update(state, rollout, rng_data)`` with the state's shardings and a donated state."""
 
@@ -350,8 +391,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     quiet_libraries()
     check_resume_config(workdir, config)
     pc, gc, rc = config.ppo, config.generation, config.reward
-    if pc.rollout_batch_size % pc.minibatch_size:
-        raise ValueError("config.ppo.rollout_batch_size must be a multiple of config.ppo.minibatch_size")
+    validate(config)
 
     # ---------------- mesh, data ----------------
     mesh = make_mesh(config.mesh)
@@ -394,14 +434,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     del params
     train = jit_update(make_update_fn(step_fn, pc, mesh), shardings, mesh)
 
-    gen_shardings = None
-    if gc.reshard:  # generation layout: actor replicated over fsdp (no per-token gathers), TP kept
-        rules = [
-            (r, jax.sharding.PartitionSpec(*[None if a == "fsdp" else a for a in spec]))
-            for r, spec in partition_rules(config, roles.actor_config)
-        ]
-        gen_shardings = named_shardings(mesh, rules, state.params["actor"])
-    sampler = make_sampler(roles.actor_gd, gc, tokenizer, mesh, gen_param_shardings=gen_shardings)
+    sampler = make_sampler(roles.actor_gd, gc, tokenizer, mesh, state.params["actor"])
     score_fn = make_score_fn(roles, mesh, gc.temperature)
     adv_fn = jax.jit(lambda rollout, kl_coef: advantages_and_returns(rollout, kl_coef, pc))
     shape_fn = jax.jit(lambda raw, truncated, stats: shape_scores(raw, truncated, stats, rc))
@@ -483,6 +516,12 @@ def run(config, workdir: str) -> dict[str, Any]:
             state, metrics = train(state, batch_rollout, jax.random.key_data(train_rng))
             metrics = jax.device_get(metrics)
             t_train = time.perf_counter() - t0
+            consecutive = int(jax.device_get(state.consecutive_skips))
+            if consecutive >= config.max_consecutive_skips:
+                raise TooManySkips(
+                    f"PPO iteration {it}: {consecutive} consecutive minibatch steps had a non-finite loss "
+                    "or gradient; stopping without applying them"
+                )
 
             # ---------------- metrics, controllers ----------------
             m = rollout_metrics(rollout, adv, out, seq, raw, score)

@@ -58,7 +58,7 @@ def shrink(config, tiny_hf):
             c.model.path = tiny_hf
             c.model.dtype = "float32"
         c.tokenizer = CHAR_TOK if c.model.path or "tiny" not in c.tokenizer else c.tokenizer
-        c.mesh = dict(data=-1, fsdp=1, tensor=1)
+        c.mesh = dict(data=1, fsdp=1, tensor=1)
         c.progress_bar = False
         c.export_hf = True
         c.checkpoint.async_save = False
@@ -101,7 +101,8 @@ def shrink(config, tiny_hf):
 SHIPPED = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-    if "/experiments/" not in p and not os.path.basename(p).startswith("_")
+    # experiments and quickstart stages read files made by earlier stages; their own tests run them
+    if "/experiments/" not in p and "/quickstart/" not in p and not os.path.basename(p).startswith("_")
 )
 
 

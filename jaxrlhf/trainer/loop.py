@@ -242,6 +242,27 @@ def check_resume_config(workdir: str, config) -> None:
             f.write(config_utils.to_json(raw))
 
 
+def validate(config) -> None:
+    """Checks the run-length keys of an offline run up front, with messages naming the key."""
+    positive = (
+        "total_steps",
+        "batch_size",
+        "micro_batches",
+        "log_every",
+        "pad_to_multiple_of",
+        "eval_batches",
+    )
+    for key in positive:
+        if config[key] < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    if config.eval_every < 0:
+        raise ValueError(f"config.eval_every must be >= 0 (0: no evaluation), got {config.eval_every}")
+    if config.max_consecutive_skips < 1:
+        raise ValueError(f"config.max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}")
+    if config.checkpoint.every < 1:
+        raise ValueError(f"config.checkpoint.every must be >= 1, got {config.checkpoint.every}")
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Trains ``config.algorithm`` in ``workdir``; returns the final metrics and status."""
     algo = config.algorithm
@@ -256,6 +277,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     distributed.maybe_initialize()
     quiet_libraries()
     check_resume_config(workdir, config)
+    validate(config)
 
     # ---------------- mesh ----------------
     mesh = make_mesh(config.mesh)
@@ -289,6 +311,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     state = create_state(tx, params, shardings, with_ref=uses_ref, seed=config.seed)
     del params
     train_step = jit_step(step_fn, shardings, mesh)
+    if config.eval_every > 0 and eval_ds is None:
+        raise ValueError("config.eval_every > 0 but config.data has no eval_split or eval_fraction")
     eval_step = make_eval_step(loss_fn, denominators, mesh) if eval_ds is not None else None
 
     # ---------------- checkpoint / resume ----------------

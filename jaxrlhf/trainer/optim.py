@@ -24,6 +24,11 @@ from jaxrlhf.sharding import path_str
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     warmup = int(cfg.warmup_steps)
+    if warmup < 0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(
+            "config.optim: warmup_steps must be >= 0 and min_lr_ratio in [0, 1], "
+            f"got {warmup}, {cfg.min_lr_ratio}"
+        )
     decay_steps = max(int(total_steps) - warmup, 1)
     if cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)

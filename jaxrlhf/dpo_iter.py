@@ -21,7 +21,7 @@ from absl import logging
 
 from jaxrlhf import data as data_lib
 from jaxrlhf import distributed
-from jaxrlhf.ppo import build_reward, gather, make_sampler, response_sequences
+from jaxrlhf.ppo import build_reward, gather, make_sampler
 from jaxrlhf.sharding import make_mesh, shard_batch
 from jaxrlhf.trainer import algorithms, checkpoint
 from jaxrlhf.trainer.logger import Logger, mean_metrics, quiet_libraries
@@ -140,9 +140,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             rng = jax.random.fold_in(jax.random.key(config.seed + 1), rnd)
             out = sampler(state.params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
-            seq = response_sequences(
-                prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask
-            )
+            seq = out.to_batch()
             jax.block_until_ready(seq)
             t_gen = time.perf_counter() - t0
             scores = np.asarray(

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from jaxrlhf import data as data_lib
 from jaxrlhf import losses, models
-from jaxrlhf.ppo import build_reward, gather, make_sampler, response_sequences
+from jaxrlhf.ppo import build_reward, gather, make_sampler
 from jaxrlhf.sharding import make_mesh, shard_batch
 from jaxrlhf.trainer.algorithms import apply_model
 from jaxrlhf.trainer.loop import DTYPES
@@ -87,9 +87,7 @@ def evaluate(
             prompts = shard_batch(mesh, {key: rep[key] for key in ("prompt_ids", "prompt_mask")})
             rng = jax.random.fold_in(jax.random.key(seed + salt), b)
             gen = sampler(params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
-            seq = response_sequences(
-                prompts["prompt_ids"], prompts["prompt_mask"], gen.response_ids, gen.response_mask
-            )
+            seq = gen.to_batch()
             scores = np.asarray(jax.device_get(reward(seq, rep["prompt_ids"].shape[1], rep["index"])))
             out.append(
                 {"seq": seq, "scores": scores.reshape(-1, k), "length": gather(gen.response_mask).sum(-1)}

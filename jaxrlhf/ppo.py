@@ -60,16 +60,16 @@ class RolloutError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 def response_sequences(prompt_ids, prompt_mask, response_ids, response_mask) -> dict:
     """Prompt (left-padded) + response (right-padded) as one ``[B, P+N]`` sequence batch."""
-    input_ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-    attention_mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0) * attention_mask
-    loss_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), response_mask], axis=1).astype(jnp.int32)
-    return {
-        "input_ids": input_ids.astype(jnp.int32),
-        "attention_mask": attention_mask,
-        "positions": positions.astype(jnp.int32),
-        "loss_mask": loss_mask,
-    }
+    out = gen_lib.GenerationOutput(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=jnp.zeros(response_ids.shape, jnp.float32),
+        model_logprobs=jnp.zeros(response_ids.shape, jnp.float32),
+        truncated=jnp.zeros(response_ids.shape[:1], bool),
+    )
+    return out.to_batch()
 
 
 def score_positions(action_mask: jax.Array) -> jax.Array:
@@ -462,15 +462,22 @@ def run(config, workdir: str) -> dict[str, Any]:
             # ---------------- generate ----------------
             t0 = time.perf_counter()
             out = sampler(state.params["actor"], prompts["prompt_ids"], prompts["prompt_mask"], gen_rng)
-            seq = response_sequences(
-                prompts["prompt_ids"], prompts["prompt_mask"], out.response_ids, out.response_mask
-            )
+            seq = out.to_batch()
             jax.block_until_ready(seq)
             t_gen = time.perf_counter() - t0
 
             # ---------------- score ----------------
             t0 = time.perf_counter()
             rollout = score_fn(state.params, state.ref_params, seq)
+            # The sampler's log-probs must equal the recomputed ones (same temperature): PPO's ratio
+            # is then exactly 1 at the first minibatch, whatever the padding.
+            sampling_dev = jnp.max(
+                jnp.where(
+                    rollout["action_mask"] > 0,
+                    jnp.abs(out.shifted(out.logprobs) - rollout["old_logprobs"]),
+                    0.0,
+                )
+            )
             index = gather(shard_batch(mesh, {"i": host_prompts["index"]})["i"])
             raw = reward(seq, prompts["prompt_ids"].shape[1], index)
             stats = jax.tree.map(jnp.float32, side["reward_stats"])
@@ -538,6 +545,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             m.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
             m["train/first_minibatch_ratio_max_dev"] = float(metrics["ratio_max_dev"][0])
             m["train/first_minibatch_clipfrac"] = float(metrics["clipfrac"][0])
+            m["rollout/sampling_logprob_max_dev"] = float(jax.device_get(sampling_dev))
             m["kl_coef"] = side["kl_coef"]
             m["lr"] = float(schedule(int(jax.device_get(state.step))))
             n_tokens = float(np.sum(gather(out.response_mask)))

@@ -64,6 +64,7 @@ def evaluate(
     reference: str | None = None,
     samples: int = 1,
     max_prompts: int = 0,
+    batch_size: int = 32,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of ``policy`` (an HF-format dir) on ``config.data``'s prompts; see the module doc."""
@@ -71,7 +72,7 @@ def evaluate(
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
     ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
     n_prompts = len(ds) if max_prompts <= 0 else min(max_prompts, len(ds))
-    batch = min(config.eval_batch_size, n_prompts)
+    batch = min(batch_size, n_prompts)
     n_prompts = (n_prompts // batch) * batch
     reward = build_reward(config, mesh, tokenizer, ds)
     gc = config.generation
@@ -137,6 +138,7 @@ _BASELINE = flags.DEFINE_string("baseline", None, "HF-format directory of the ba
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference policy for the KL (default: the baseline).")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Responses per prompt (pass@k uses all of them).")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 0, "Evaluate at most this many prompts (0: all).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts per sampling batch.")
 _OUT = flags.DEFINE_string("out", None, "Write the metrics as JSON here.")
 
 
@@ -150,6 +152,7 @@ def main(argv):
         reference=_REFERENCE.value,
         samples=_SAMPLES.value,
         max_prompts=_MAX_PROMPTS.value,
+        batch_size=_BATCH.value,
     )
     text = json.dumps(res, indent=2)
     print(text)

@@ -232,10 +232,14 @@ def test_dpo_iter_rounds_and_evaluation(tmp_path, monkeypatch):
     assert "train/rewards/accuracy" in res["history"][-1]
     from jaxrlhf import evaluate
 
-    ev_cfg = tiny("dpo_iter")
-    with ev_cfg.unlocked():
-        ev_cfg.eval_batch_size = 8
-    out = evaluate.evaluate(ev_cfg, res["export_dir"], baseline=res["export_dir"], samples=2, max_prompts=16)
+    out = evaluate.evaluate(
+        tiny("dpo_iter"),
+        res["export_dir"],
+        baseline=res["export_dir"],
+        samples=2,
+        max_prompts=16,
+        batch_size=8,
+    )
     assert out["prompts"] == 16
     assert 0.0 <= out["win_rate"] <= 1.0
     assert abs(out["kl_to_reference"]) < 1e-4  # the policy against itself

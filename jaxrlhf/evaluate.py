@@ -33,15 +33,9 @@ from jaxrlhf import data as data_lib
 from jaxrlhf import losses, models
 from jaxrlhf.ppo import build_reward, gather, make_sampler
 from jaxrlhf.sharding import make_mesh, shard_batch
+from jaxrlhf.tasks.verifiable import pass_at_k_from_scores
 from jaxrlhf.trainer.algorithms import apply_model
 from jaxrlhf.trainer.loop import DTYPES
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): ``1 − C(n−c, k)/C(n, k)`` for ``n`` samples, ``c`` correct."""
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 def load_policy(path: str, dtype: str, mesh):
@@ -107,10 +101,9 @@ def evaluate(
     }
     binary = np.all(np.isin(scores, (0.0, 1.0)))
     if binary:
-        correct = scores.sum(axis=1).astype(int)
         ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples} | {samples})
         for k in ks:
-            result[f"pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in correct]))
+            result[f"pass@{k}"] = float(np.mean(pass_at_k_from_scores(scores, k)))
     ref_path = reference or baseline
     if ref_path:
         ref_gd, ref_params = load_policy(ref_path, dtype, mesh)

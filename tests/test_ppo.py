@@ -247,3 +247,22 @@ def test_dpo_iter_rounds_and_evaluation(tmp_path, monkeypatch):
     # Gold sentiment rewards are not 0/1, so no pass@k; the verifiable reward is.
     assert "pass@1" not in out
     assert reviews.gold_scores(["great"]).dtype == np.float32
+
+
+@pytest.mark.slow
+def test_evaluate_pass_at_k_with_a_verifiable_reward(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from jaxrlhf import evaluate, models
+    from jaxrlhf.tasks import verifiable
+
+    prompts = tmp_path / "prompts.jsonl"
+    verifiable.write_prompts_jsonl(str(prompts), 8, 0)
+    policy = tmp_path / "policy"
+    models.save_pretrained(models.init("llama", **{**tiny().model.init}), str(policy))
+    c = tiny("dpo_iter", **{"data.path": str(prompts), "data.max_prompt_length": 24, "data.max_length": 40})
+    with c.unlocked():
+        c.reward.fn = "jaxrlhf.tasks.verifiable:reward"
+    out = evaluate.evaluate(c, str(policy), samples=4, batch_size=4)
+    assert out["prompts"] == 8
+    # A random policy almost never answers exactly: pass@k defined, in [0, 1], non-decreasing in k.
+    assert 0.0 <= out["pass@1"] <= out["pass@2"] <= out["pass@4"] <= 1.0

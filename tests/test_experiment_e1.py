@@ -61,20 +61,25 @@ def test_smoke_run_dpo_raises_pi_y3_ppo_stops_at_the_kl_optimum(smoke):
     assert {"table.md", "results.json", "pi_y3.png"} <= set(os.listdir(out))
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["config"]["seeds"] == 2
-    runs = {(r["scenario"], r["name"], r["beta"], r["y3_logit_offset"]): r for r in res["runs"]}
-    dpo = runs[("extrapolate", "DPO", 0.1, 0.0)]
-    ppo = runs[("extrapolate", "PPO (tabular RM)", 0.1, 0.0)]
+    runs = {(r["scenario"], r["policy"], r["name"], r["beta"], r["y3_logit_offset"]): r for r in res["runs"]}
+    dpo = runs[("extrapolate", "linear", "DPO", 0.1, 0.0)]
+    ppo = runs[("extrapolate", "linear", "PPO (tabular RM)", 0.1, 0.0)]
     ref3 = dpo["ref_probs_mean"][2]
     assert dpo["final_probs_mean"][2] > ref3 + 0.5
     # PPO's fixed point is the exact KL-regularised optimum in the policy family, well below DPO's.
     assert abs(ppo["final_probs_mean"][2] - ppo["family_rlhf_optimum_probs_mean"][2]) < 0.03
     assert ppo["final_probs_mean"][2] < dpo["final_probs_mean"][2] - 0.2
-    rare_dpo = runs[("extrapolate", "DPO", 0.1, -3.0)]
-    rare_ppo = runs[("extrapolate", "PPO (tabular RM)", 0.1, -3.0)]
+    rare_dpo = runs[("extrapolate", "linear", "DPO", 0.1, -3.0)]
+    rare_ppo = runs[("extrapolate", "linear", "PPO (tabular RM)", 0.1, -3.0)]
     assert rare_dpo["final_probs_mean"][2] > 0.9
     assert rare_ppo["final_probs_mean"][2] < 0.35
     # Without parameter sharing between y3 and the pair, DPO does not raise π(y3).
-    orth = runs[("orthogonal", "DPO", 0.1, 0.0)]
+    # A shared-parameter MLP policy: DPO raises π(y3), PPO (tabular RM) does not.
+    mlp_dpo = runs[("extrapolate", "mlp", "DPO", 0.1, 0.0)]
+    mlp_ppo = runs[("extrapolate", "mlp", "PPO (tabular RM)", 0.1, 0.0)]
+    assert mlp_dpo["final_probs_mean"][2] > mlp_dpo["ref_probs_mean"][2] + 0.15
+    assert mlp_ppo["final_probs_mean"][2] < mlp_ppo["ref_probs_mean"][2]
+    orth = runs[("orthogonal", "linear", "DPO", 0.1, 0.0)]
     assert orth["final_probs_mean"][2] < orth["ref_probs_mean"][2]
     assert np.isfinite(res["wall_time_s"])
 

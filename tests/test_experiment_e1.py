@@ -50,7 +50,7 @@ def test_analytic_part(smoke):
     assert a["dpo_loss_max_spread_over_pi_y3"] < 1e-4
     r1, r2, r3 = a["tabular_rewards"]
     assert r1 > 1.0 and abs(r1 + r2) < 1e-4 and abs(r3) < 1e-6  # y3 never gets a gradient
-    for key in ("rlhf_optimum_r3_mean", "rlhf_optimum_r3_eq_r2"):
+    for key in ("rlhf_optimum_r3_mean", "rlhf_optimum_r3_eq_r2", "rlhf_optimum_r3_mean_beta_x10"):
         assert a[key]["probs"][2] <= a["ref_probs"][2]  # the RLHF optimum does not raise π(y3)
         # and the OOD DPO optimum is a poor RLHF policy
         assert a[key]["rlhf_objective"] > ood["rlhf_objective"] + 1.0

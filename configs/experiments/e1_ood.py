@@ -177,15 +177,21 @@ def analytic(cfg: ml_collections.ConfigDict, rewards: np.ndarray) -> dict:
         },
         "tabular_rewards": np.asarray(rewards).tolist(),
     }
-    for name, r3 in (("r3_mean", 0.5 * (rewards[0] + rewards[1])), ("r3_eq_r2", rewards[1])):
+    mean_r3 = 0.5 * (rewards[0] + rewards[1])
+    for name, r3, b in (
+        ("r3_mean", mean_r3, beta),
+        ("r3_eq_r2", rewards[1], beta),
+        ("r3_mean_beta_x10", mean_r3, 10 * beta),
+    ):
         r = np.array([rewards[0], rewards[1], r3])
-        opt = closed_form_rlhf(ref, r, beta)
+        opt = closed_form_rlhf(ref, r, b)
         out[f"rlhf_optimum_{name}"] = {
+            "beta": b,
             "rewards": r.tolist(),
             "probs": opt.tolist(),
-            "rlhf_objective": rlhf_objective(opt, ref, r, beta),
+            "rlhf_objective": rlhf_objective(opt, ref, r, b),
             "dpo_loss": float(
-                dpo_loss_of_policy(jnp.asarray(np.log(opt), jnp.float32)[None], ref_logp, beta)[0]
+                dpo_loss_of_policy(jnp.asarray(np.log(opt), jnp.float32)[None], ref_logp, b)[0]
             ),
         }
     return out
@@ -502,13 +508,17 @@ def table_markdown(res: dict) -> str:
     for key, label in (
         ("rlhf_optimum_r3_mean", "RLHF optimum, r(y3) = mean(r1, r2)"),
         ("rlhf_optimum_r3_eq_r2", "RLHF optimum, r(y3) = r(y2)"),
+        (
+            "rlhf_optimum_r3_mean_beta_x10",
+            "RLHF optimum, r(y3) = mean(r1, r2), β×10 (loss and objective at β×10)",
+        ),
     ):
         q = a[key]
         obj = rlhf_objective(
             np.array(q["probs"]),
             np.array(a["ref_probs"]),
             np.array(a["rlhf_optimum_r3_mean"]["rewards"]),
-            a["beta"],
+            q["beta"],
         )
         lines.append(
             f"| {label} | {q['probs'][0]:.4f} | {q['probs'][1]:.3g} | {q['probs'][2]:.3g} | "

@@ -551,8 +551,13 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(_panel(r) for r in res["runs"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    ncol = min(2, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6 * ncol, 4 * nrow), sharey=True, squeeze=False)
+    axes = axes.reshape(-1)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes[: len(panels)], panels, strict=True):
         runs = [r for r in res["runs"] if _panel(r) == panel]
         for r in runs:
             m, s = np.array(r["pi_y3_curve_mean"]), np.array(r["pi_y3_curve_std"])
@@ -564,7 +569,8 @@ def plot(res: dict, path: str) -> None:
         ax.set_xlabel("step (DPO) / iteration (PPO)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
-    axes[0, 0].set_ylabel("π(y3)  (y3 never in the data)")
+    for ax in axes[::ncol]:
+        ax.set_ylabel("π(y3)  (y3 never in the data)")
     fig.suptitle(f"E1: probability of the unseen response y3, mean ± std over {res['config']['seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

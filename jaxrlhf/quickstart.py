@@ -119,9 +119,9 @@ SIZES = {
         dpo_steps=150,
         dpo_lr=2e-4,
         dpo_beta=0.1,
-        ppo_iterations=40,
-        ppo_rollout_batch=128,
-        ppo_minibatch=32,
+        ppo_iterations=20,
+        ppo_rollout_batch=512,
+        ppo_minibatch=64,
         ppo_epochs=2,
         ppo_lr=1e-4,
         critic_lr=3e-4,
@@ -247,19 +247,26 @@ def stage_data(s: Sizes, p: Paths) -> dict[str, Any]:
 
 
 def train_stage(stage: str, size: str, p: Paths) -> dict[str, Any]:
-    """(b, d, e, f) ``loop.run`` of ``configs/quickstart/<stage>.py``; returns its last logged metrics."""
+    """(b, d, e, f) ``loop.run`` of ``configs/quickstart/<stage>.py``; returns its last logged metrics.
+
+    The config is read through ``config_utils.ReadTracker``; keys the run never read (dead keys)
+    are returned under ``unread_keys`` (tests/test_quickstart.py requires none).
+    """
+    from jaxrlhf import config_utils
     from jaxrlhf.trainer import loop
 
     config = load_config(stage, size, p.workdir)
-    result = loop.run(config, p.stage_dir(stage))
+    tracked = config_utils.ReadTracker(config)
+    result = loop.run(tracked, p.stage_dir(stage))
     if result.get("interrupted"):
         raise KeyboardInterrupt(f"stage {stage} stopped by a signal; rerun to resume from its checkpoint")
-    if "history" in result and result["history"]:  # PPO: per-iteration metrics
-        metrics = {"first": _floats(result["history"][0]), "last": _floats(result["history"][-1])}
-    else:
-        metrics = {"last": _floats(result.get("metrics", {}))}
-        if "eval" in result:
-            metrics["eval"] = _floats(result["eval"])
+    history = result.get("history") or [result.get("metrics", {})]
+    metrics = {"first": _floats(history[0]), "last": _floats(history[-1])}
+    if "eval" in result:
+        metrics["eval"] = _floats(result["eval"])
+    metrics["unread_keys"] = config_utils.unread_keys(config, tracked.reads)
+    if metrics["unread_keys"]:
+        logging.warning("stage %s: config keys never read: %s", stage, metrics["unread_keys"])
     return metrics
 
 
@@ -295,7 +302,7 @@ def sample_prompts(policy_dir: str, prompts_path: str, s: Sizes, k: int, seed: i
     ds, _ = data_lib.build_datasets(dcfg, tokenizer, "prompt")
     source = common.read_jsonl(prompts_path)
     graphdef, params = evaluate.load_policy(policy_dir, "float32", mesh)
-    sampler = ppo.make_sampler(graphdef, generation(max_new_tokens=s.max_new_tokens), tokenizer, mesh)
+    sampler = ppo.make_sampler(graphdef, generation(max_new_tokens=s.max_new_tokens), tokenizer, mesh, params)
     batch = min(s.sample_batch, len(ds))
     it = data_lib.BatchIterator(ds, batch, shuffle=False, repeat=False, process_index=0, process_count=1)
     prompts, responses = [], []
@@ -382,7 +389,7 @@ def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: i
     n_batches = len(ds) // batch
     judge = ppo.build_reward(config, mesh, tokenizer, ds)
     graphdef, base_params = evaluate.load_policy(baseline, config.model.dtype, mesh)
-    sampler = ppo.make_sampler(graphdef, config.generation, tokenizer, mesh)
+    sampler = ppo.make_sampler(graphdef, config.generation, tokenizer, mesh, base_params)
     logps = jax.jit(lambda params, seq: evaluate.sequence_logps(graphdef, params, seq))
     structure = jax.tree.structure(base_params)
 

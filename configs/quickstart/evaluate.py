@@ -29,5 +29,5 @@ def get_config(arg: str = "full"):
     )
     c.eval_batch_size = s.eval_batch
     c.reward = dict(fn="jaxrlhf.tasks.reviews:reward")
-    c.generation = dict(max_new_tokens=s.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
     return c

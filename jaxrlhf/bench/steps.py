@@ -53,6 +53,10 @@ PEAKS = {
 }
 
 PRESETS = {
+    # seconds on any machine: the test suite's smoke size.
+    "tiny": dict(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2
+    ),
     # ~6M parameters: what 2 CPU cores train in seconds.
     "cpu-small": dict(
         vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=8
@@ -277,6 +281,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--micro_batches", type=int, default=1)
+    ap.add_argument("--fsdp", type=int, default=-1, help="FSDP mesh size (-1: every device)")
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--sampler_batch", type=int, default=32, help="the large sampler batch (1 is always run)")
     ap.add_argument("--steps", type=int, default=5)
@@ -284,7 +289,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--only", default="sft,reward,dpo,sampler,ppo_iteration")
     ap.add_argument("--out", default=None, help="write JSON (and a .md beside it)")
     a = ap.parse_args(argv)
-    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    mesh = make_mesh(dict(data=1, fsdp=a.fsdp, tensor=1))
     name, peak = device_peak()
     cfg_model = d.model(**PRESETS[a.preset])
     cfg_model.dtype = a.dtype

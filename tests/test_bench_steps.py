@@ -1,0 +1,31 @@
+"""``python -m jaxrlhf.bench`` in a smoke size: every row measured, finite, and the FLOPs formula used."""
+
+import json
+
+import numpy as np
+
+from jaxrlhf import models
+from jaxrlhf.bench import steps
+
+
+def test_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    report = steps.main(
+        ["--preset=tiny", "--batch=2", "--seq=32", "--steps=2", "--warmup=1", "--new_tokens=4",
+         "--sampler_batch=2", "--only=sft,dpo,sampler", "--fsdp=1", f"--out={out}"]
+    )  # fmt: skip
+    names = [r["step"] for r in report["results"]]
+    assert names == ["sft", "dpo", "sampler_b1", "sampler_b2"]
+    sft, dpo = report["results"][:2]
+    for r in (sft, dpo):
+        assert r["step_time_s"]["min"] <= r["step_time_s"]["median"] <= r["step_time_s"]["max"]
+        assert 0 < r["real_tokens_per_s"] <= r["padded_tokens_per_s"]
+        assert 0 < r["mfu"] < 1.5 and np.isfinite(r["tflops_per_s"])
+    # DPO counts the reference forward: 4/3 of the trained FLOPs per token, two sequences per pair.
+    cfg = models.init("llama", **steps.PRESETS["tiny"]).config
+    fpt = models.flops_per_token(cfg, 32)
+    med = dpo["step_time_s"]["median"]
+    np.testing.assert_allclose(dpo["tflops_per_s"] * 1e12 * med, fpt * 4 / 3 * 2 * 2 * 32, rtol=1e-6)
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["results"][2:])
+    assert json.loads(out.read_text())["peak_name"] == "CPU-measured"
+    assert "| sft |" in (tmp_path / "bench.md").read_text()

@@ -19,15 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxrlhf import data as data_lib
-from jaxrlhf import distributed
-from jaxrlhf.ppo import build_reward, gather, make_sampler
-from jaxrlhf.sharding import make_mesh, shard_batch
+from jaxrlhf.ppo import build_reward, gather, make_sampler, start_rollout_run
+from jaxrlhf.sharding import shard_batch
 from jaxrlhf.trainer import algorithms, checkpoint
-from jaxrlhf.trainer.logger import Logger, mean_metrics, quiet_libraries
+from jaxrlhf.trainer.logger import Logger, mean_metrics
 from jaxrlhf.trainer.loop import (
     TooManySkips,
-    check_resume_config,
     create_state,
     export_hf,
     jit_step,
@@ -78,21 +75,9 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-    distributed.maybe_initialize()
-    quiet_libraries()
-    check_resume_config(workdir, config)
-    validate(config)
     ic, gc = config.dpo_iter, config.generation
-    mesh = make_mesh(config.mesh)
-    tokenizer = data_lib.load_tokenizer(config.tokenizer)
-    prompts_ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
-    prompt_it = data_lib.BatchIterator(
-        prompts_ds,
-        ic.prompts_per_round,
-        seed=config.data.seed,
-        shuffle=config.data.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    mesh, tokenizer, prompts_ds, prompt_it = start_rollout_run(
+        config, workdir, validate, ic.prompts_per_round
     )
 
     graphdef, params, _ = load_model(config, config.model, mesh)

@@ -370,6 +370,27 @@ def jit_update(update, shardings, mesh):
 # ----------------------------------------------------------------------------------------------
 # Driver.
 # ----------------------------------------------------------------------------------------------
+def start_rollout_run(config, workdir: str, validate_fn, prompts_per_batch: int):
+    """The common start of the rollout drivers (PPO, DPO-Iter): distributed init, config checks,
+    mesh, tokenizer, the prompt dataset and this process's iterator over global prompt batches."""
+    distributed.maybe_initialize()
+    quiet_libraries()
+    check_resume_config(workdir, config)
+    validate_fn(config)
+    mesh = make_mesh(config.mesh)
+    tokenizer = data_lib.load_tokenizer(config.tokenizer)
+    prompts_ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
+    prompt_it = data_lib.BatchIterator(
+        prompts_ds,
+        prompts_per_batch,
+        seed=config.data.seed,
+        shuffle=config.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return mesh, tokenizer, prompts_ds, prompt_it
+
+
 def decode_texts(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
     return [
         tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
@@ -387,23 +408,11 @@ def gather(x):
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Runs ``config.ppo.iterations`` PPO iterations in ``workdir`` (resumes from its checkpoint)."""
-    distributed.maybe_initialize()
-    quiet_libraries()
-    check_resume_config(workdir, config)
     pc, gc, rc = config.ppo, config.generation, config.reward
-    validate(config)
 
     # ---------------- mesh, data ----------------
-    mesh = make_mesh(config.mesh)
-    tokenizer = data_lib.load_tokenizer(config.tokenizer)
-    prompts_ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
-    prompt_it = data_lib.BatchIterator(
-        prompts_ds,
-        pc.rollout_batch_size,
-        seed=config.data.seed,
-        shuffle=config.data.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    mesh, tokenizer, prompts_ds, prompt_it = start_rollout_run(
+        config, workdir, validate, pc.rollout_batch_size
     )
 
     # ---------------- roles and state ----------------

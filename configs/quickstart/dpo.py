@@ -5,7 +5,8 @@ Command (after stages (a)-(c)):
       --workdir=workdirs/quickstart/dpo
 
 The reference is the frozen SFT model. The config argument is ``SIZE[,QUICKSTART_WORKDIR]``.
-Expected result (full): rewards/accuracy rises to ~0.9 and the gold reward of samples rises over SFT.
+Expected result (full): rewards/accuracy 0.85, margin 0.47 after 150 steps; held-out gold reward
+0.68 vs SFT's 0.49 (docs/quickstart.md).
 """
 
 from jaxrlhf import config_defaults as d

@@ -8,7 +8,8 @@ The study's recipe (Xu et al. 2024): advantage whitening on, an EMA reference po
 batch as large as the time budget allows (see ``jaxrlhf.quickstart.SIZES``; the study uses 512).
 The reward is the learned reward model (the gold scorer only judges); the critic starts from the
 reward model. The config argument is ``SIZE[,QUICKSTART_WORKDIR]``.
-Expected result (full): the reward-model score of rollouts rises; see docs/quickstart.md.
+Expected result (full): the reward-model score of rollouts rises from 0.8 to 5.2 in 20 iterations;
+held-out gold reward 0.89 vs SFT's 0.49 (docs/quickstart.md).
 """
 
 from jaxrlhf import config_defaults as d

@@ -5,8 +5,8 @@ Command (the quickstart runs it for you; this is the same stage by hand, after s
       --workdir=workdirs/quickstart/sft
 
 The config argument is ``SIZE[,QUICKSTART_WORKDIR]`` with SIZE ``full`` or ``smoke``.
-Expected result (full): the response NLL falls from ~6.2 to ~1.1 nats/token and samples are
-mixed-sentiment reviews; see docs/quickstart.md.
+Expected result (full): 600 steps in ~2 min on 2 CPU cores; the response NLL falls from ln 512 to
+1.76 nats/token and samples are mixed-sentiment reviews (48 % positive); see docs/quickstart.md.
 """
 
 from jaxrlhf import config_defaults as d

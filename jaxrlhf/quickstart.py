@@ -74,7 +74,7 @@ class Sizes:
     critic_lr: float
     ppo_kl_coef: float
     ppo_ema_decay: float
-    eval_batch: int
+    eval_batch: int  # held-out prompts per sampler call
     progress_bar: bool
 
 
@@ -357,7 +357,9 @@ def stage_pairs(s: Sizes, p: Paths) -> dict[str, Any]:
     return stats
 
 
-def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: int = 0) -> dict[str, dict]:
+def compare_policies(
+    config, policies: dict[str, str], baseline: str, *, batch_size: int = 32, seed: int = 0
+) -> dict[str, dict]:
     """Gold reward, KL to ``baseline`` and win rate vs ``baseline`` of each policy on ``config.data``.
 
     Same metrics as ``jaxrlhf.evaluate.evaluate`` (one sample per prompt; KL = mean over prompts of
@@ -370,6 +372,8 @@ def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: i
       config: ``configs/quickstart/evaluate.py`` (prompts, tokenizer, sampler, judge).
       policies: name -> HF-format directory.
       baseline: HF-format directory of the reference policy (the SFT model).
+      batch_size: prompts per sampler call (the last partial batch is left out).
+      seed: sampling seed (policies use ``seed + 1``, the baseline ``seed + 2``).
 
     Returns:
       name -> ``{gold_reward, gold_reward_sem, kl_to_sft, win_rate_vs_sft, response_length, prompts}``.
@@ -385,7 +389,7 @@ def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: i
     mesh = make_mesh(config.mesh)
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
     ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
-    batch = min(config.eval_batch_size, len(ds))
+    batch = min(batch_size, len(ds))
     n_batches = len(ds) // batch
     judge = ppo.build_reward(config, mesh, tokenizer, ds)
     graphdef, base_params = evaluate.load_policy(baseline, config.model.dtype, mesh)
@@ -432,8 +436,13 @@ def compare_policies(config, policies: dict[str, str], baseline: str, *, seed: i
 
 def stage_eval(s: Sizes, size: str, p: Paths, stage_metrics: dict[str, Any]) -> dict[str, Any]:
     """(g) SFT, DPO and PPO on held-out prompts, judged by the gold scorer; writes the results."""
+    from jaxrlhf import config_utils
+
     config = load_config("evaluate", size, p.workdir)
-    rows = compare_policies(config, {n: p.export(n) for n in POLICIES}, p.sft_export, seed=s.seed + 20)
+    tracked = config_utils.ReadTracker(config)
+    policies = {n: p.export(n) for n in POLICIES}
+    rows = compare_policies(tracked, policies, p.sft_export, batch_size=s.eval_batch, seed=s.seed + 20)
+    stage_metrics["eval"] = {"unread_keys": config_utils.unread_keys(config, tracked.reads)}
     os.makedirs(p.results, exist_ok=True)
     results = {"size": size, "sizes": dataclasses.asdict(s), "table": rows, "stages": stage_metrics}
     write_results(results, p.results)
@@ -534,7 +543,7 @@ def run_pipeline(workdir: str = DEFAULT_WORKDIR, size: str = "full", force: bool
         elif stage == "eval":
             metrics["wall_s"] = {k: round(v, 1) for k, v in timings.items()}
             out = None
-            results = stage_eval(s, size, p, metrics)
+            stage_eval(s, size, p, metrics)
         else:
             out = train_stage(stage, size, p)
         timings[stage] = time.perf_counter() - t0

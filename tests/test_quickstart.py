@@ -95,8 +95,9 @@ def test_smoke_pipeline_chains_every_stage(tmp_path):
         assert row["prompts"] == s.n_eval_prompts
     assert abs(res["table"]["sft"]["kl_to_sft"]) < 1e-4
     assert set(res["stages"]["wall_s"]) == set(q.STAGES)
-    for stage in ("sft", "reward", "dpo", "ppo"):  # every key of every stage config was read
+    for stage in ("sft", "reward", "dpo", "ppo", "eval"):  # every key of every stage config was read
         assert res["stages"][stage]["unread_keys"] == [], (stage, res["stages"][stage]["unread_keys"])
+    for stage in ("sft", "reward", "dpo", "ppo"):
         assert all(math.isfinite(v) for v in res["stages"][stage]["last"].values()), stage
     assert 0.0 <= res["stages"]["reward"]["eval"]["accuracy"] <= 1.0
     table = Path(p.results, "table.md").read_text().splitlines()

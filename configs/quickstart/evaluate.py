@@ -2,7 +2,7 @@ r"""Quickstart stage (g): held-out evaluation settings (``jaxrlhf.evaluate``), j
 
 Command (one policy by hand, after the training stages):
   python -m jaxrlhf.evaluate --config=configs/quickstart/evaluate.py:full,workdirs/quickstart \
-      --policy=workdirs/quickstart/dpo/hf --baseline=workdirs/quickstart/sft/hf
+      --policy=workdirs/quickstart/dpo/hf --baseline=workdirs/quickstart/sft/hf --batch_size=128
 
 Held-out prompts are review openings never used for SFT, pairs or PPO. The gold sentiment scorer
 (``jaxrlhf.tasks.reviews:reward``) plays the human: it gives the reward and judges the win rate.
@@ -27,7 +27,6 @@ def get_config(arg: str = "full"):
         bucket=False,
         shuffle=False,
     )
-    c.eval_batch_size = s.eval_batch
     c.reward = dict(fn="jaxrlhf.tasks.reviews:reward")
     c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
     return c

@@ -521,7 +521,14 @@ def run_pipeline(workdir: str = DEFAULT_WORKDIR, size: str = "full", force: bool
     if size not in SIZES:
         raise ValueError(f"--size={size!r}: expected one of {sorted(SIZES)}")
     s, p = SIZES[size], Paths(workdir)
-    if force and os.path.isdir(workdir):
+    if force and os.path.isdir(workdir) and os.listdir(workdir):
+        known = {*STAGES, "results", "timings.json"}
+        strangers = sorted(set(os.listdir(workdir)) - known)
+        if strangers:  # never delete a directory the quickstart did not make
+            raise ValueError(
+                f"--force: {workdir} holds files the quickstart did not write ({strangers[:5]}); "
+                "pick another --workdir or delete it yourself"
+            )
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
     timings = {}

@@ -60,6 +60,13 @@ def test_table_and_plot(tmp_path):
     assert (tmp_path / "reward_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_force_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        q.run_pipeline(str(tmp_path), "smoke", force=True)
+    assert (tmp_path / "notes.txt").exists()
+
+
 @pytest.mark.slow
 def test_smoke_pipeline_chains_every_stage(tmp_path):
     wd = tmp_path / "qs"

@@ -61,9 +61,8 @@ class Logger:
                 self.writer.add_scalar(k, float(v), step)
         self.writer.flush()
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{metrics.get('loss', float('nan')):.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}"
-            )
+            loss = metrics.get("loss", metrics.get("train/loss", float("nan")))  # PPO logs train/loss
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         if console:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if np.ndim(v) == 0)
             logging.info("step %d: %s", step, shown)

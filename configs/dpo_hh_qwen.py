@@ -21,6 +21,6 @@ def get_config():
     c.batch_size = 64
     c.total_steps = 2500
     c.optim = d.optim(lr=5e-7, warmup_steps=150, schedule="linear", min_lr_ratio=0.0)
-    c.ref = d.ref(ema_decay=1.0)
+    c.ref = d.ref(ema_decay=1.0, precompute=False)
     c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
     return c

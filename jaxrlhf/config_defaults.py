@@ -75,9 +75,19 @@ def optim(**overrides) -> ml_collections.ConfigDict:
     return o
 
 
-def ref(ema_decay: float = 1.0, reset_every: int = 0) -> ml_collections.ConfigDict:
-    """The reference policy: ``ema_decay`` 1.0 = frozen; < 1 = EMA of the actor (Xu et al. 2024)."""
-    return ml_collections.ConfigDict(dict(ema_decay=ema_decay, reset_every=reset_every))
+def ref(
+    ema_decay: float = 1.0, reset_every: int = 0, precompute: bool | None = None
+) -> ml_collections.ConfigDict:
+    """The reference policy: ``ema_decay`` 1.0 = frozen; < 1 = EMA of the actor (Xu et al. 2024).
+
+    ``precompute`` (offline DPO only; pass a bool to add the key): with a frozen reference,
+    compute the reference log-probs once over the dataset before training and drop the reference
+    from the train state (no reference forward per step, no reference parameters in memory).
+    """
+    r = ml_collections.ConfigDict(dict(ema_decay=ema_decay, reset_every=reset_every))
+    if precompute is not None:
+        r.precompute = precompute
+    return r
 
 
 TINY_LLAMA = dict(

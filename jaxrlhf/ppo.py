@@ -44,6 +44,7 @@ from jaxrlhf.trainer.loop import (
     TooManySkips,
     check_resume_config,
     export_hf,
+    gather,
     load_model,
     state_shardings,
 )
@@ -396,14 +397,6 @@ def decode_texts(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
         tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
         for row, m in zip(ids, mask, strict=True)
     ]
-
-
-def gather(x):
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def run(config, workdir: str) -> dict[str, Any]:

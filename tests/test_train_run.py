@@ -283,3 +283,28 @@ def test_two_processes_match_one(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_precomputed_reference_logps_match_the_in_step_reference(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+    def cfg(precompute):
+        c = load_config("configs/tiny/dpo.py")
+        with c.unlocked():
+            c.total_steps, c.log_every = 4, 1
+            c.ref.precompute = precompute
+            c.export_hf = False
+        return c
+
+    live = loop.run(cfg(False), str(tmp_path / "live"))
+    pre = loop.run(cfg(True), str(tmp_path / "pre"))
+    assert pre["state"].ref_params is None and live["state"].ref_params is not None
+    for k in ("dpo_loss", "rewards/margin", "logps/chosen"):
+        np.testing.assert_allclose(
+            [h[k] for h in live["history"]], [h[k] for h in pre["history"]], rtol=2e-4, atol=1e-5, err_msg=k
+        )
+    c = cfg(True)
+    with c.unlocked():
+        c.ref.ema_decay = 0.9
+    with pytest.raises(ValueError, match="precompute needs a frozen reference"):
+        loop.run(c, str(tmp_path / "bad"))

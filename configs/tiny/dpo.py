@@ -22,7 +22,7 @@ def get_config():
     c.total_steps = 20
     c.pad_to_multiple_of = 160  # one batch shape, one compile
     c.optim = d.optim(lr=1e-3, warmup_steps=2)
-    c.ref = d.ref(ema_decay=1.0)
+    c.ref = d.ref(ema_decay=1.0, precompute=False)
     c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
     c.checkpoint.every = 10
     c.log_every = 5

@@ -213,6 +213,57 @@ def make_data(config, tokenizer, kind: str):
     return train_it, eval_ds
 
 
+class WithReferenceLogps:
+    """A preference dataset whose batches also carry precomputed ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` ``[B]`` (the frozen reference's summed response log-probs)."""
+
+    def __init__(self, dataset, chosen: np.ndarray, rejected: np.ndarray):
+        self.dataset, self.chosen, self.rejected = dataset, chosen, rejected
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def collate(self, indices, *args, **kwargs):
+        out = self.dataset.collate(indices, *args, **kwargs)
+        idx = np.asarray(indices)
+        safe = np.maximum(idx, 0)
+        out["ref_chosen_logps"] = np.where(idx >= 0, self.chosen[safe], 0.0).astype(np.float32)
+        out["ref_rejected_logps"] = np.where(idx >= 0, self.rejected[safe], 0.0).astype(np.float32)
+        return out
+
+    @classmethod
+    def compute(cls, dataset, ref_logps_fn, ref_params, config, mesh) -> WithReferenceLogps:
+        """One pass over ``dataset`` in order (global batches of ``config.batch_size``, every
+        process taking part); every process ends with the whole table."""
+        n, B = len(dataset), config.batch_size
+        chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        per = B // jax.process_count()
+        lo = jax.process_index() * per
+        t0 = time.perf_counter()
+        for start in range(0, n, B):
+            idx = np.arange(start, start + B)
+            idx = np.where(idx < n, idx, -1)
+            host = dataset.collate(idx[lo : lo + per].tolist(), dataset.max_length, dataset.pad_id)
+            c, r = ref_logps_fn(ref_params, shard_batch(mesh, host))
+            c, r = gather(c), gather(r)
+            valid = idx >= 0
+            chosen[idx[valid]], rejected[idx[valid]] = c[valid], r[valid]
+        logging.info("reference log-probs precomputed for %d pairs in %.1fs", n, time.perf_counter() - t0)
+        return cls(dataset, chosen, rejected)
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-process) global array as one host numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def batch_token_counts(batch: dict) -> tuple[float, float]:
     """(real, padded) token counts of this process's part of a batch."""
     masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
@@ -294,6 +345,14 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     # ---------------- update step ----------------
     loss_fn, denominators, uses_ref = algorithms.build(config, graphdef)
+    if uses_ref and config.ref.get("precompute", False):
+        if config.ref.ema_decay != 1.0 or config.ref.reset_every:
+            raise ValueError("config.ref.precompute needs a frozen reference (ema_decay=1.0, reset_every=0)")
+        ref_logps = jax.jit(algorithms.make_ref_logps_fn(graphdef))
+        train_it.dataset = WithReferenceLogps.compute(train_it.dataset, ref_logps, params, config, mesh)
+        if eval_ds is not None:
+            eval_ds = WithReferenceLogps.compute(eval_ds, ref_logps, params, config, mesh)
+        uses_ref = False  # the reference lives in the batches now, not in the train state
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     if config.batch_size % config.micro_batches:
         raise ValueError(

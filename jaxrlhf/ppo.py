@@ -556,6 +556,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                 {
                     "perf/generate_tokens_per_s": n_tokens / t_gen,
                     "perf/train_tokens_per_s": n_tokens * pc.epochs / t_train,
+                    "perf/score_tokens_per_s": n_tokens / t_score,
                 }
             )
             log.count_tokens(n_tokens, n_tokens)

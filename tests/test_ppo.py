@@ -266,3 +266,26 @@ def test_evaluate_pass_at_k_with_a_verifiable_reward(tmp_path, monkeypatch):
     assert out["prompts"] == 8
     # A random policy almost never answers exactly: pass@k defined, in [0, 1], non-decreasing in k.
     assert 0.0 <= out["pass@1"] <= out["pass@2"] <= out["pass@4"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_metrics(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from jaxrlhf import models
+
+    policy = tmp_path / "policy"
+    models.save_pretrained(models.init("llama", **{**tiny().model.init}), str(policy))
+    out = tmp_path / "eval.json"
+    cmd = [
+        sys.executable, "-m", "jaxrlhf.evaluate", "--config=configs/tiny/dpo_iter.py", f"--policy={policy}",
+        f"--baseline={policy}", "--max_prompts=8", "--batch_size=8", f"--out={out}",
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["prompts"] == 8 and 0.0 <= res["win_rate"] <= 1.0
+    assert abs(res["kl_to_reference"]) < 1e-4

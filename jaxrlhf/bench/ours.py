@@ -4,7 +4,8 @@ r"""jaxrlhf's runner for the side-by-side benchmark (``python -m jaxrlhf.bench.c
 
 Loads the shared workload (``jaxrlhf.bench.workload``): the HF-format Llama in ``model/`` (policy
 and frozen reference) or ``reward_model/``, the saved tokenizer and ``data.jsonl``; tokenizes with
-our data pipeline (file order, no shuffle, dynamic padding to a multiple of ``--pad_multiple``);
+our data pipeline (file order, no shuffle, dynamic padding to a multiple of ``--pad_multiple``;
+every such length is compiled ahead, before timing, as a long run amortises it);
 trains ``K + S`` steps with our jitted DPO / reward train step (AdamW, constant LR, global-norm
 clipping, the workload's hyper-parameters) and prints one result line
 (``jaxrlhf.bench.results.emit``). Each step is timed end to end: host batching, device transfer,
@@ -61,7 +62,10 @@ def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int):
     return c
 
 
-def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int) -> dict:
+SEQ = ("input_ids", "attention_mask", "loss_mask", "positions")
+
+
+def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, precompile: bool = True) -> dict:
     w, paths, rows = wl.load(workdir)
     c = build_config(task, w, paths, pad_multiple)
     mesh = loop.make_mesh(c.mesh)
@@ -78,6 +82,15 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int) -> 
     state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
     train_step = loop.jit_step(step_fn, shardings, mesh)
 
+    if precompile:  # every length the dynamic padding can produce, compiled before the clock starts
+        t0 = time.perf_counter()
+        for T in range(pad_multiple, w.max_length + pad_multiple, pad_multiple):
+            T = min(T, w.max_length)
+            shapes = {f"{h}_{k}": ((w.batch_size, T), np.int32) for h in ("chosen", "rejected") for k in SEQ}
+            train_step.precompile(state, {**shapes, "margin": ((w.batch_size,), np.float32)})
+        compile_s = time.perf_counter() - t0
+    else:
+        compile_s = 0.0
     times, real, padded = [], [], []
     t_prev = time.perf_counter()
     for i in range(warmup + steps):
@@ -115,6 +128,7 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int) -> 
             "dtype": w.dtype,
             "pad_to_multiple_of": pad_multiple,
             "compiled_shapes": len(train_step.executables),
+            "precompile_s": compile_s,
             "final_loss": loss,
             "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
             "jnp_default": str(jnp.zeros(()).dtype),
@@ -129,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--pad_multiple", type=int, default=64, help="dynamic padding granularity")
+    ap.add_argument(
+        "--no_precompile", action="store_true", help="compile new batch lengths inside the timed steps"
+    )
     a = ap.parse_args(argv)
     w, _, _ = wl.load(a.workdir)
     res = run(
@@ -137,6 +154,7 @@ def main(argv=None):
         a.steps if a.steps is not None else w.steps,
         a.warmup if a.warmup is not None else w.warmup_steps,
         a.pad_multiple,
+        precompile=not a.no_precompile,
     )
     results.emit(res)
     return res

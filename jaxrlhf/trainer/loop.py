@@ -154,6 +154,14 @@ class CompiledStep:
         self.executables: dict[Any, Any] = {}
         self.memory: dict[str, int] = {}
 
+    def precompile(self, state, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]) -> None:
+        """Compiles ahead for a batch shape (``{key: (shape, dtype)}``), e.g. every bucket length."""
+        key = tuple(sorted((k, tuple(shape)) for k, (shape, _) in batch_shapes.items()))
+        if key not in self.executables:
+            abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in batch_shapes.items()}
+            self.executables[key] = self.jitted.lower(state, abstract).compile()
+            self.memory = log_memory(self.executables[key], key)
+
     def __call__(self, state, batch):
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         exe = self.executables.get(key)

@@ -46,6 +46,7 @@ MINI = dataclasses.replace(
     sft_steps=150,
     rm_steps=40,
     dpo_steps=40,
+    rm_eval_fraction=0.2,  # >= one 32-pair eval batch from ~250 pairs
     dpo_lr=5e-4,
     ppo_iterations=5,
     ppo_rollout_batch=128,
@@ -189,7 +190,10 @@ def run_seed(size: str, seed: int, root: str) -> dict[str, Any]:
     base_stages(name, p)
     policies = {"sft": p.sft_export}
     for beta in sw.dpo_betas:
-        policies[f"dpo@b={beta:g}"] = train(dpo_config(name, p, beta), p.stage_dir(f"e2_dpo_b{beta:g}"))
+        if beta == q.SIZES[name].dpo_beta:  # the quickstart's DPO stage: the same config, trained already
+            policies[f"dpo@b={beta:g}"] = p.export("dpo")
+        else:
+            policies[f"dpo@b={beta:g}"] = train(dpo_config(name, p, beta), p.stage_dir(f"e2_dpo_b{beta:g}"))
     for beta in sw.iter_betas:
         cfg = dpo_iter_config(name, p, beta, sw.iter_rounds, sw.iter_prompts_per_round)
         policies[f"dpo_iter@b={beta:g}"] = train(cfg, p.stage_dir(f"e2_dpo_iter_b{beta:g}"))

@@ -133,7 +133,7 @@ def dpo_config(size_name: str, p: q.Paths, beta: float, **overrides):
 
 
 def dpo_iter_config(size_name: str, p: q.Paths, beta: float, rounds: int, prompts_per_round: int):
-    """DPO-Iter from the SFT model, labelled by the learned reward model (keys of configs/tiny/dpo_iter.py)."""
+    """DPO-Iter from the SFT model, labelled by the learned reward model (keys: configs/tiny/dpo_iter.py)."""
     s = q.SIZES[size_name]
     c = d.base("dpo_iter")
     c.seed = s.seed
@@ -298,7 +298,8 @@ def plot_frontier(per_seed: list[dict[str, Any]], summary: dict[str, Any], out_p
         xs = [x["kl_to_sft"]["mean"] for _, x in pts]
         ys = [x["gold_reward"]["mean"] for _, x in pts]
         ax.errorbar(
-            xs, ys, xerr=[x["kl_to_sft"]["std"] for _, x in pts], yerr=[x["gold_reward"]["std"] for _, x in pts],
+            xs, ys, xerr=[x["kl_to_sft"]["std"] for _, x in pts],
+            yerr=[x["gold_reward"]["std"] for _, x in pts],
             fmt="o-", color=colors[m], capsize=3, label=m.upper().replace("_", "-"),
         )  # fmt: skip
         for (n, _), x, y in zip(pts, xs, ys, strict=True):

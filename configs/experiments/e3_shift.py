@@ -233,7 +233,8 @@ def format_tables(summary: dict[str, Any], n_seeds: int) -> str:
     for tag, st in summary["pairs"].items():
         label = {"own": "A (own)", "other": "B (other)"}[tag]
         lines.append(
-            f"| {label} | {st['pairs']['mean']:.0f} | {pm(st['sampler_gold_mean'])} | {pm(st['chosen_gold_mean'])} "
+            f"| {label} | {st['pairs']['mean']:.0f} | {pm(st['sampler_gold_mean'])} "
+            f"| {pm(st['chosen_gold_mean'])} "
             f"| {pm(st['rejected_gold_mean'])} | {pm(st['chosen_nll_under_A'])} |"
         )
     return "\n".join(lines)

@@ -92,7 +92,14 @@ def ppo_config(size: str, p: q.Paths, variant: str, seed: int):
     return c
 
 
-def run(size: str, seeds: int, workdir: str, out: str, variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+def run(
+    size: str,
+    seeds: int,
+    workdir: str,
+    out: str,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    train_only: bool = False,
+) -> dict:
     from jaxrlhf.trainer import loop
 
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -124,6 +131,8 @@ def run(size: str, seeds: int, workdir: str, out: str, variants: tuple[str, ...]
                 train_last[name] = q._floats(hist[-1])
                 print(f"[e4] ppo {name}: {time.perf_counter() - t0:.1f}s", flush=True)
             policies[name] = os.path.join(run_dir, "hf")
+    if train_only:
+        return {"policies": policies, "ppo_train_last": train_last}
     s = q.SIZES[size]
     eval_cfg = q.load_config("evaluate", size, workdir)
     rows = q.compare_policies(
@@ -220,10 +229,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}"
     )
+    ap.add_argument("--train_only", action="store_true", help="train the PPO runs, skip evaluation")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         raise ValueError(f"--seeds={a.seeds}: need at least 1")
-    res = run("e4_smoke" if a.smoke else "e4", a.seeds, a.workdir, a.out, tuple(a.variants.split(",")))
+    res = run(
+        "e4_smoke" if a.smoke else "e4", a.seeds, a.workdir, a.out, tuple(a.variants.split(",")), a.train_only
+    )
+    if a.train_only:
+        return res
     print(table_markdown(res), flush=True)
     print(f"[e4] {res['wall_s']:.0f}s wall; results in {a.out}", flush=True)
     return res

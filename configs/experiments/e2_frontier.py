@@ -311,7 +311,7 @@ def plot_frontier(per_seed: list[dict[str, Any]], summary: dict[str, Any], out_p
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.set_title(f"E2: reward-KL frontier, synthetic reviews ({len(per_seed)} seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)

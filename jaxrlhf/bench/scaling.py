@@ -95,7 +95,7 @@ def markdown(report: dict) -> str:
     lines = [f"Preset {report['preset']}, DPO step, float32, {report['device']}.", ""]
     for key, xs in (("seq_sweep", "seq"), ("batch_sweep", "batch")):
         lines += [
-            f"| {xs} | batch | seq | step time s (median) | real tok/s | padded tok/s |",
+            f"| swept: {xs} | batch | seq | step time s (median) | real tok/s | padded tok/s |",
             "|---|---|---|---|---|---|",
         ]
         for r in report[key]:

@@ -494,13 +494,28 @@ def plot_reward_vs_kl(rows: dict[str, dict[str, float]], out_path: str) -> str |
     return out_path
 
 
-def write_results(results: dict[str, Any], out_dir: str) -> None:
-    table = format_table(results["table"])
+def write_outputs(
+    out_dir: str, table_md: str, results: dict[str, Any], plot_fn=None, png_name: str = ""
+) -> None:
+    """Writes ``table.md``, ``results.json`` and (``plot_fn(path)``) a PNG: the quickstart's and the
+    experiments' result files."""
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table_md + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot_reward_vs_kl(results["table"], os.path.join(out_dir, "reward_vs_kl.png"))
+    if plot_fn is not None:
+        plot_fn(os.path.join(out_dir, png_name))
+
+
+def write_results(results: dict[str, Any], out_dir: str) -> None:
+    write_outputs(
+        out_dir,
+        format_table(results["table"]),
+        results,
+        lambda path: plot_reward_vs_kl(results["table"], path),
+        "reward_vs_kl.png",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

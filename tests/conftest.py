@@ -5,7 +5,14 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# The 8 fake devices share 2 cores with a second pytest worker: a collective can wait long for a
+# starved device thread, and XLA's default is to abort the process after a fixed timeout.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += (
+        " --xla_cpu_collective_call_terminate_timeout_seconds=1200 --xla_cpu_collective_timeout_seconds=1200"
+    )
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -345,13 +344,10 @@ def main(argv=None) -> dict[str, Any]:
         "wall_s_total": round(time.perf_counter() - t0, 1),
         "hardware": q.hardware(),
     }
-    os.makedirs(args.out, exist_ok=True)
     table = format_tables(summary, args.seeds)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    plot_frontier(per_seed, summary, os.path.join(args.out, "frontier.png"))
+    q.write_outputs(
+        args.out, table, results, lambda path: plot_frontier(per_seed, summary, path), "frontier.png"
+    )
     print("\n" + table + f"\n\n[e2] {results['wall_s_total']:.0f}s; results in {args.out}/", flush=True)
     return results
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -212,12 +211,7 @@ def plot(res: dict, path: str) -> None:
 
 
 def write_outputs(res: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table_markdown(res) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    plot(res, os.path.join(out, "reward_vs_kl.png"))
+    q.write_outputs(out, table_markdown(res), res, lambda path: plot(res, path), "reward_vs_kl.png")
 
 
 def main(argv: list[str] | None = None) -> dict:

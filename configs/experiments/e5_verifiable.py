@@ -308,12 +308,7 @@ def plot(res: dict, path: str) -> None:
 
 
 def write_outputs(res: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table_markdown(res) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    plot(res, os.path.join(out, "pass_at_k.png"))
+    q.write_outputs(out, table_markdown(res), res, lambda path: plot(res, path), "pass_at_k.png")
 
 
 def main(argv: list[str] | None = None) -> dict:

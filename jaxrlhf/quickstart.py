@@ -466,8 +466,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_reward_vs_kl(rows: dict[str, dict[str, float]], out_path: str) -> str | None:
-    """Gold reward against KL to SFT, one point per policy (PNG); ``None`` without matplotlib."""
+def pyplot(out_path: str):
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a warning) without matplotlib."""
     try:
         import matplotlib
 
@@ -475,6 +475,14 @@ def plot_reward_vs_kl(rows: dict[str, dict[str, float]], out_path: str) -> str |
         import matplotlib.pyplot as plt
     except ImportError:
         logging.warning("matplotlib is not installed; skipping %s (pip install matplotlib)", out_path)
+        return None
+    return plt
+
+
+def plot_reward_vs_kl(rows: dict[str, dict[str, float]], out_path: str) -> str | None:
+    """Gold reward against KL to SFT, one point per policy (PNG); ``None`` without matplotlib."""
+    plt = pyplot(out_path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     colors = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange"}

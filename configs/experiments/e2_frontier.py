@@ -278,13 +278,8 @@ def format_tables(summary: dict[str, Any], n_seeds: int) -> str:
 
 def plot_frontier(per_seed: list[dict[str, Any]], summary: dict[str, Any], out_path: str) -> str | None:
     """Gold reward vs KL to SFT: every seed's points (faint) and the seed means ± std per policy."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; skipping {out_path}", file=sys.stderr)
+    plt = q.pyplot(out_path)
+    if plt is None:
         return None
     colors = {"sft": "tab:gray", "dpo": "tab:blue", "dpo_iter": "tab:green", "ppo": "tab:orange"}
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)

@@ -242,13 +242,8 @@ def format_tables(summary: dict[str, Any], n_seeds: int) -> str:
 
 def plot(per_seed: list[dict[str, Any]], summary: dict[str, Any], out_path: str) -> str | None:
     """Gold reward per policy (bars: mean ± std; dots: seeds) and gold reward vs KL to A."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; skipping {out_path}", file=sys.stderr)
+    plt = q.pyplot(out_path)
+    if plt is None:
         return None
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     names = list(summary["policies"])

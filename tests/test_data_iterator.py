@@ -209,8 +209,15 @@ def test_preference_batches_keep_pairs_together(pref):
             P = len(pref.prompt_ids[j])
             assert b["chosen_loss_mask"][r, :P].sum() == 0 and b["rejected_loss_mask"][r, :P].sum() == 0
             assert b["rejected_loss_mask"][r].sum() == len(pref.rejected_ids[j])
-    with pytest.raises(ValueError, match="packing is only supported for SFT"):
-        _it(pref, packing=True)
+    packed = next(_it(pref, B=4, packing=True))  # packed pairs: see tests/test_train_step.py
+    assert packed["segment_ids"].shape[1] == pref.max_length and packed["chosen_index"].shape == (4,)
+
+
+def test_packing_prompt_datasets_is_an_error(prompts):
+    with pytest.raises(
+        ValueError, match="packing is supported for SFT and preference datasets, not 'prompt'"
+    ):
+        _it(prompts, packing=True)
 
 
 def test_packing_segments_and_positions(sft):

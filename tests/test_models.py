@@ -126,6 +126,41 @@ def test_packed_segments_do_not_attend_across(name):
     np.testing.assert_allclose(out[0, 4:9], out_b[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("t,window", [(200, None), (150, 40), (64, None)])
+def test_chunked_causal_attention_equals_full(t, window):
+    """``attend(causal=True)`` (query chunks against their key prefix) == one masked softmax, values
+    and gradients, with GQA, left padding, a sliding window and packed segments."""
+    from jaxrlhf.models.modeling import attend, attention_chunks, window_mask
+
+    chunks = attention_chunks(t)
+    assert chunks[0][0] == 0 and chunks[-1][1] == t and len(chunks) == max(1, min(8, t // 64))
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    r = np.random.default_rng(t)
+    b, h, k, d = 3, 4, 2, 8
+    q = jnp.asarray(r.normal(size=(b, t, h, d)), jnp.float32)
+    kv = [jnp.asarray(r.normal(size=(b, t, k, d)), jnp.float32) for _ in range(2)]
+    key_ok = np.ones((b, t), bool)
+    key_ok[1, :17] = False  # left padding
+    seg = np.ones((b, t), np.int32)
+    seg[2, t // 3 :] = 2  # two packed segments
+    allowed = key_ok[:, None, :] & (seg[:, :, None] == seg[:, None, :])
+    allowed = jnp.asarray(allowed) & window_mask(jnp.arange(t), jnp.arange(t), window)[None]
+
+    def f(causal):
+        return lambda q, kk, vv: attend(q, kk, vv, allowed, causal=causal)
+
+    full, chunked = f(False)(q, *kv), f(True)(q, *kv)
+    real = np.asarray(key_ok)[:, :, None, None]  # fully masked (padding) query rows may differ
+    np.testing.assert_allclose(np.where(real, chunked, 0), np.where(real, full, 0), atol=2e-6, rtol=0)
+    w = jnp.asarray(r.normal(size=q.shape), jnp.float32) * jnp.asarray(real, jnp.float32)
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))
+
+    for g1, g2 in zip(loss(f(True))(q, *kv), loss(f(False))(q, *kv), strict=True):
+        np.testing.assert_allclose(g1, g2, atol=2e-5, rtol=0)
+
+
 # -------------------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("name", ["mistral", "gpt2", "gpt_neox", "qwen3", "llama_cls"])
 def test_kv_cache_matches_full_forward(name):

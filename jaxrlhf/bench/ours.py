@@ -1,11 +1,14 @@
 r"""jaxrlhf's runner for the side-by-side benchmark (``python -m jaxrlhf.bench.compare``).
 
     python -m jaxrlhf.bench.ours --task dpo|reward --workdir DIR [--steps S] [--warmup K]
+        [--no_packing]
 
 Loads the shared workload (``jaxrlhf.bench.workload``): the HF-format Llama in ``model/`` (policy
 and frozen reference) or ``reward_model/``, the saved tokenizer and ``data.jsonl``; tokenizes with
-our data pipeline (file order, no shuffle, dynamic padding to a multiple of ``--pad_multiple``;
-every such length is compiled ahead, before timing, as a long run amortises it);
+our data pipeline (file order, no shuffle). By default each batch's 2 B sequences are packed into
+rows of ``max_length`` (``config.data.packing``: the same pairs per step, a varying row count);
+``--no_packing`` pads pairs to the batch's longest sequence rounded to ``--pad_multiple``. Every
+shape the run will use is compiled before timing, as a long run amortises it;
 trains ``K + S`` steps with our jitted DPO / reward train step (AdamW, constant LR, global-norm
 clipping, the workload's hyper-parameters) and prints one result line
 (``jaxrlhf.bench.results.emit``). Each step is timed end to end: host batching, device transfer,
@@ -32,7 +35,7 @@ from jaxrlhf.trainer.optim import make_optimizer
 from jaxrlhf.trainer.step import make_train_step
 
 
-def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int):
+def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int, packing: bool = True):
     """An ordinary jaxrlhf config for the workload (the same keys ``jaxrlhf.train`` reads)."""
     c = d.base(task)
     c.model = d.model(paths["reward_model"] if task == "reward" else paths["model"])
@@ -45,6 +48,7 @@ def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int):
         max_length=w.max_length,
         bucket=False,
         shuffle=False,
+        packing=packing,
         strict=True,  # the workload is built so that nothing is dropped or cut
     )
     c.mesh = dict(data=1, fsdp=1, tensor=1)
@@ -62,18 +66,22 @@ def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int):
     return c
 
 
-SEQ = ("input_ids", "attention_mask", "loss_mask", "positions")
-
-
-def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, precompile: bool = True) -> dict:
+def run(
+    task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, precompile: bool = True,
+    packing: bool = True,
+) -> dict:  # fmt: skip
     w, paths, rows = wl.load(workdir)
-    c = build_config(task, w, paths, pad_multiple)
+    c = build_config(task, w, paths, pad_multiple, packing)
     mesh = loop.make_mesh(c.mesh)
     tok = data_lib.load_tokenizer(c.tokenizer)
     ds = data_lib.build_dataset(c.data, tok, "preference", "train")
-    it = data_lib.BatchIterator(
-        ds, w.batch_size, shuffle=False, bucket=False, pad_to_multiple_of=pad_multiple
-    )
+
+    def iterator():
+        return data_lib.BatchIterator(
+            ds, w.batch_size, shuffle=False, bucket=False, pad_to_multiple_of=pad_multiple, packing=packing
+        )
+
+    it = iterator()
     graphdef, params, _ = loop.load_model(c, c.model, mesh, head="scalar" if task == "reward" else None)
     loss_fn, denoms, uses_ref = algorithms.build(c, graphdef)
     tx, _ = make_optimizer(c.optim, steps + warmup)
@@ -82,12 +90,15 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, pre
     state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
     train_step = loop.jit_step(step_fn, shardings, mesh)
 
-    if precompile:  # every length the dynamic padding can produce, compiled before the clock starts
+    if precompile:  # every shape the run's batches have, compiled before the clock starts
         t0 = time.perf_counter()
-        for T in range(pad_multiple, w.max_length + pad_multiple, pad_multiple):
-            T = min(T, w.max_length)
-            shapes = {f"{h}_{k}": ((w.batch_size, T), np.int32) for h in ("chosen", "rejected") for k in SEQ}
-            train_step.precompile(state, {**shapes, "margin": ((w.batch_size,), np.float32)})
+        probe, seen = iterator(), set()
+        for _ in range(warmup + steps):
+            host = next(probe)
+            key = tuple((k, v.shape) for k, v in sorted(host.items()))
+            if key not in seen:
+                seen.add(key)
+                train_step.precompile(state, {k: (v.shape, v.dtype) for k, v in host.items()})
         compile_s = time.perf_counter() - t0
     else:
         compile_s = 0.0
@@ -96,7 +107,7 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, pre
     for i in range(warmup + steps):
         host = next(it)
         expected = wl.real_tokens(wl.step_rows(rows, w, i), task)
-        got = int(host["chosen_attention_mask"].sum() + host["rejected_attention_mask"].sum())
+        got = int(sum(v.sum() for k, v in host.items() if k.endswith("attention_mask")))
         if got != expected:
             raise RuntimeError(f"step {i}: our batch has {got} real tokens, the workload says {expected}")
         state, metrics = train_step(state, shard_batch(mesh, host))
@@ -105,7 +116,7 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, pre
         if i >= warmup:
             times.append(now - t_prev)
             real.append(got)
-            padded.append(int(host["chosen_input_ids"].size + host["rejected_input_ids"].size))
+            padded.append(int(sum(v.size for k, v in host.items() if k.endswith("input_ids"))))
         t_prev = now
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
@@ -127,6 +138,7 @@ def run(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, pre
         "config": {
             "dtype": w.dtype,
             "pad_to_multiple_of": pad_multiple,
+            "packing": packing,
             "compiled_shapes": len(train_step.executables),
             "precompile_s": compile_s,
             "final_loss": loss,
@@ -146,6 +158,7 @@ def main(argv=None):
     ap.add_argument(
         "--no_precompile", action="store_true", help="compile new batch lengths inside the timed steps"
     )
+    ap.add_argument("--no_packing", action="store_true", help="pad pairs instead of packing sequences")
     a = ap.parse_args(argv)
     w, _, _ = wl.load(a.workdir)
     res = run(
@@ -155,6 +168,7 @@ def main(argv=None):
         a.warmup if a.warmup is not None else w.warmup_steps,
         a.pad_multiple,
         precompile=not a.no_precompile,
+        packing=not a.no_packing,
     )
     results.emit(res)
     return res

@@ -11,9 +11,13 @@ The plan of an epoch (shuffle from ``seed + epoch``):
 - ``bucket``: the permutation is cut into windows of ``bucket_window`` batches, each window is
   sorted by length and cut into batches, and the batch order is shuffled, so each batch holds
   examples of similar length;
-- ``packing`` (SFT only): windows of the permutation are packed first-fit-decreasing into rows of
+- ``packing``, SFT: windows of the permutation are packed first-fit-decreasing into rows of
   ``max_length`` tokens (segment ids 1, 2, ...; positions restart per segment) and the packed rows
   are shuffled and cut into global batches.
+- ``packing``, preference pairs: batches are planned as without packing (``global_batch_size``
+  pairs, plain or bucketed), then the ``2 B`` sequences of each batch are packed into rows of
+  ``max_length`` (``PreferenceDataset.collate_packed``): the same pairs per step, far less padding;
+  the row count varies from batch to batch (one compile per row count).
 
 The rows that do not fill a last global batch are left out of that epoch (``drop_remainder``; the
 next epoch reshuffles) unless ``drop_remainder=False``, which fills the last batch with
@@ -70,7 +74,8 @@ class BatchIterator:
       seed: shuffling seed; epoch ``e`` uses ``rng([seed, e])``.
       shuffle: shuffle examples (and batch order) every epoch.
       bucket: length-bucketed batches (see module docstring).
-      packing: pack SFT examples into rows of ``dataset.max_length`` (adds ``segment_ids``).
+      packing: pack SFT examples, or each batch's preference sequences, into rows of
+        ``dataset.max_length`` (adds ``segment_ids``; see the module docstring).
         ``seed``, ``shuffle``, ``bucket`` and ``packing`` default to ``config.data``'s values (kept
         by ``build_dataset`` in ``dataset.iterator_defaults``).
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
@@ -82,6 +87,10 @@ class BatchIterator:
       fixed_length: pad every batch to the maximum (``max_length``, or ``max_prompt_length`` for
         prompts): one shape, one compile. Packed batches are always fixed-length.
       bucket_window: batches per bucketing/packing window.
+      micro_batches: packed preference batches: micro-batches the train step splits a batch into
+        (each is packed on its own, so no pair spans two micro-batches).
+      row_multiple: packed preference batches: the row count is a multiple of this (the mesh's
+        batch-axis size) and of ``process_count``.
       repeat: loop over epochs forever; ``False`` stops after one epoch (evaluation).
       drop_remainder: leave out the rows of a last partial batch (else pad it with empty rows).
 
@@ -109,6 +118,8 @@ class BatchIterator:
         bucket_window: int = 8,
         repeat: bool = True,
         drop_remainder: bool = True,
+        micro_batches: int = 1,
+        row_multiple: int = 1,
     ):
         given = dict(seed=seed, shuffle=shuffle, bucket=bucket, packing=packing)
         fallback = dict(seed=0, shuffle=True, bucket=False, packing=False)
@@ -128,8 +139,8 @@ class BatchIterator:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        if packing and not isinstance(dataset, SFTDataset):
-            raise ValueError(f"packing is only supported for SFT datasets, not {dataset.kind!r}")
+        if packing and not (isinstance(dataset, SFTDataset) or dataset.kind == "preference"):
+            raise ValueError(f"packing is supported for SFT and preference datasets, not {dataset.kind!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if isinstance(dataset, PromptDataset):
@@ -148,6 +159,11 @@ class BatchIterator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.fixed_length = bool(fixed_length) or self.packing
+        self.pack_pairs = self.packing and dataset.kind == "preference"
+        self.micro_batches = int(micro_batches)
+        self.row_multiple = int(np.lcm(max(1, int(row_multiple)), self.process_count))
+        if self.pack_pairs and B % self.micro_batches:
+            raise ValueError(f"global_batch_size={B} not divisible by micro_batches={self.micro_batches}")
         self.bucket_window = int(bucket_window)
         self.repeat, self.drop_remainder = bool(repeat), bool(drop_remainder)
         self.max_len = dataset.max_prompt_length if isinstance(dataset, PromptDataset) else dataset.max_length
@@ -184,7 +200,7 @@ class BatchIterator:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         lengths = self.dataset.lengths
-        if self.packing:
+        if self.packing and not self.pack_pairs:
             window = max(B, self.bucket_window * B)
             bins = []
             for s in range(0, n, window):
@@ -207,8 +223,9 @@ class BatchIterator:
             if self.drop_remainder:
                 batches.pop()
             else:
-                batches[-1] = batches[-1] + [[] if self.packing else -1] * (B - len(batches[-1]))
-        if self.bucket and self.shuffle and not self.packing:
+                empty = [] if self.packing and not self.pack_pairs else -1
+                batches[-1] = batches[-1] + [empty] * (B - len(batches[-1]))
+        if self.bucket and self.shuffle and not (self.packing and not self.pack_pairs):
             batches = [batches[j] for j in rng.permutation(len(batches))]
         self._plan_epoch, self._plan = epoch, batches
         return batches
@@ -253,7 +270,7 @@ class BatchIterator:
     def _seq_len(self, global_units: list) -> tuple[int, int]:
         """(T, real tokens of the global batch)."""
         ds = self.dataset
-        if self.packing:
+        if self.packing and not self.pack_pairs:
             return self.max_len, int(sum(ds.lengths[i] for b in global_units for i in b))
         idx = np.asarray([i for i in global_units if i >= 0], np.int64)
         longest = int(ds.lengths[idx].max()) if len(idx) else 1
@@ -280,6 +297,13 @@ class BatchIterator:
         self.last_padding_fraction = 1.0 - real / float(self.global_batch_size * T)
         lo = self.process_index * self.local_batch_size
         local = units[lo : lo + self.local_batch_size]
+        if self.pack_pairs:  # packed over the global batch, then this process's rows and pairs
+            out = self.dataset.collate_packed(units, T, self.pad_id, self.micro_batches, self.row_multiple)
+            rows = out["input_ids"].shape[0] // self.process_count
+            self.last_padding_fraction = 1.0 - 2.0 * real / float(out["input_ids"].size)
+            self.last_num_rows = sum(1 for i in local if i >= 0)
+            sl = lambda x, n: x[self.process_index * n : (self.process_index + 1) * n]
+            return {k: sl(v, rows) if v.ndim == 2 else sl(v, self.local_batch_size) for k, v in out.items()}
         if self.packing:
             self.last_num_rows = sum(1 for b in local if b)
             return self.dataset.collate_packed(local, T, self.pad_id)

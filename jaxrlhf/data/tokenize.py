@@ -292,6 +292,72 @@ class PreferenceDataset(TokenizedDataset):
                 _place(out[f"{half}_positions"][b], np.arange(n, dtype=np.int32), T, left)
         return out
 
+    def sequence(self, i: int, half: str) -> tuple[np.ndarray, int]:
+        """Pair ``i``'s ``half`` (``"chosen"`` / ``"rejected"``) sequence and its prompt length."""
+        prompt = self.prompt_ids[i]
+        resp = self.chosen_ids[i] if half == "chosen" else self.rejected_ids[i]
+        return np.concatenate([prompt, resp]), len(prompt)
+
+    def collate_packed(
+        self, indices, T: int, pad_id: int, micro_batches: int = 1, row_multiple: int = 1
+    ) -> dict[str, np.ndarray]:
+        """The ``2 B`` sequences of pairs ``indices`` packed first-fit-decreasing into rows of ``T``.
+
+        Micro-batch ``m`` (pairs ``j`` with ``j % micro_batches == m``, as
+        ``jaxrlhf.trainer.step.split_micro_batches`` splits) is packed on its own into rows ``r``
+        with ``r % micro_batches == m``; every micro-batch gets the same number of rows, and the
+        row count ``R`` is a multiple of ``micro_batches`` and ``row_multiple`` (empty rows pad).
+
+        Returns:
+          ``input_ids``, ``attention_mask``, ``loss_mask``, ``positions``, ``segment_ids``
+          ``[R, T]`` int32 (segments 1, 2, ... per row, positions restart per segment, the first
+          token of a segment never in ``loss_mask``); per pair ``[B]``: ``chosen_index`` and
+          ``rejected_index`` int32 (``l * T + s - 1`` for segment ``s`` of the micro-batch's
+          ``l``-th row; ``per_mb_rows * T``, a slot no segment uses, for an index of -1),
+          ``chosen_response_tokens`` int32 (predicted chosen tokens) and ``margin`` float32.
+        """
+        from jaxrlhf.data.iterator import pack_first_fit
+
+        B, num = len(indices), int(micro_batches)
+        if B % num:
+            raise ValueError(f"{B} pairs are not divisible into {num} micro-batches")
+        groups = []
+        for m in range(num):
+            seqs = [(j, h) for j in range(m, B, num) if indices[j] >= 0 for h in ("chosen", "rejected")]
+            lengths = np.asarray(
+                [getattr(self, f"{h}_lengths")[indices[j]] for j, h in seqs], np.int64
+            ).reshape(-1)
+            bins = pack_first_fit(lengths, np.arange(len(seqs)), T) if seqs else []
+            groups.append([[seqs[k] for k in b] for b in bins])
+        per = max(1, max(len(g) for g in groups))
+        while (num * per) % max(1, int(row_multiple)):
+            per += 1
+        keys = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")
+        out = _empty(keys, num * per, T, pad_id)
+        index = {h: np.full(B, per * T, np.int32) for h in ("chosen", "rejected")}
+        out["chosen_response_tokens"] = np.zeros(B, np.int32)
+        out["margin"] = np.zeros(B, np.float32)
+        for m, bins in enumerate(groups):
+            for local, members in enumerate(bins):
+                r, t = local * num + m, 0
+                for s, (j, h) in enumerate(members, start=1):
+                    ids, pl = self.sequence(indices[j], h)
+                    n = len(ids)
+                    out["input_ids"][r, t : t + n] = ids
+                    out["attention_mask"][r, t : t + n] = 1
+                    out["loss_mask"][r, t + max(pl, 1) : t + n] = 1
+                    out["positions"][r, t : t + n] = np.arange(n)
+                    out["segment_ids"][r, t : t + n] = s
+                    index[h][j] = local * T + s - 1
+                    if h == "chosen":
+                        out["chosen_response_tokens"][j] = n - max(pl, 1)
+                    t += n
+        for j, i in enumerate(indices):
+            if i >= 0:
+                out["margin"][j] = self.margin[i]
+        out["chosen_index"], out["rejected_index"] = index["chosen"], index["rejected"]
+        return out
+
 
 class PromptDataset(TokenizedDataset):
     """Prompts for rollouts (PPO, DPO-Iter).

@@ -209,14 +209,20 @@ def log_memory(compiled, key) -> dict:
 DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
 
 
-def make_data(config, tokenizer, kind: str):
-    """``(train_iterator, eval_dataset or None)``; each process reads only its shard of a batch."""
+def make_data(config, tokenizer, kind: str, mesh=None):
+    """``(train_iterator, eval_dataset or None)``; each process reads only its shard of a batch.
+
+    Packed preference batches are packed per micro-batch, with a row count divisible by the
+    mesh's batch axes (``data * fsdp``)."""
     train_ds, eval_ds = data_lib.build_datasets(config.data, tokenizer, kind)
+    rows = 1 if mesh is None else int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
     train_it = data_lib.BatchIterator.from_config(
         train_ds,
         config.data,
         global_batch_size=config.batch_size,
         pad_to_multiple_of=config.pad_to_multiple_of,
+        micro_batches=config.get("micro_batches", 1),
+        row_multiple=rows,
     )
     return train_it, eval_ds
 
@@ -235,7 +241,12 @@ class WithReferenceLogps:
         return len(self.dataset)
 
     def collate(self, indices, *args, **kwargs):
-        out = self.dataset.collate(indices, *args, **kwargs)
+        return self._with_ref(self.dataset.collate(indices, *args, **kwargs), indices)
+
+    def collate_packed(self, indices, *args, **kwargs):
+        return self._with_ref(self.dataset.collate_packed(indices, *args, **kwargs), indices)
+
+    def _with_ref(self, out: dict, indices) -> dict:
         idx = np.asarray(indices)
         safe = np.maximum(idx, 0)
         out["ref_chosen_logps"] = np.where(idx >= 0, self.chosen[safe], 0.0).astype(np.float32)
@@ -344,7 +355,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     # ---------------- data ----------------
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
-    train_it, eval_ds = make_data(config, tokenizer, DATA_KIND[algo])
+    train_it, eval_ds = make_data(config, tokenizer, DATA_KIND[algo], mesh)
 
     # ---------------- model ----------------
     head = "scalar" if algo == "reward" else None
@@ -458,7 +469,7 @@ def make_eval_step(loss_fn, denominators, mesh):
 
 def run_eval(eval_step, state, eval_ds, config, mesh) -> dict[str, float]:
     """Mean metrics over the first ``config.eval_batches`` batches of the eval split (in order)."""
-    it = data_lib.BatchIterator(eval_ds, config.batch_size, shuffle=False, repeat=False)
+    it = data_lib.BatchIterator(eval_ds, config.batch_size, shuffle=False, repeat=False, packing=False)
     history = []
     for i, host in enumerate(it):
         if i >= config.eval_batches:

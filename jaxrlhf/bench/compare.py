@@ -40,15 +40,18 @@ from jaxrlhf.bench import results
 from jaxrlhf.bench import workload as wl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FRAMEWORKS = ("ours", "trl", "trl-bf16", "tunix")
+FRAMEWORKS = ("ours", "ours-padded", "trl", "trl-bf16", "tunix")
 _MODULES = {
     "ours": "jaxrlhf.bench.ours",
+    "ours-padded": "jaxrlhf.bench.ours",
     "trl": "jaxrlhf.bench.peer_trl",
     "trl-bf16": "jaxrlhf.bench.peer_trl",
     "tunix": "jaxrlhf.bench.peer_tunix",
 }
-SUPPORTED_TASKS = {"ours": ("dpo", "reward"), "trl": ("dpo", "reward"), "trl-bf16": ("dpo", "reward"),
-                   "tunix": ("dpo",)}  # fmt: skip
+SUPPORTED_TASKS = {"ours": ("dpo", "reward"), "ours-padded": ("dpo", "reward"), "trl": ("dpo", "reward"),
+                   "trl-bf16": ("dpo", "reward"), "tunix": ("dpo",)}  # fmt: skip
+_PYTHON = {"ours-padded": "ours", "trl-bf16": "trl"}  # variants run in their framework's venv
+_FLAGS = {"ours-padded": ["--no_packing"], "trl-bf16": ["--bf16"]}
 
 
 def command_for(
@@ -57,12 +60,10 @@ def command_for(
     """The argv that runs ``framework``'s runner once."""
     if framework not in _MODULES:
         raise ValueError(f"unknown framework {framework!r}; known: {list(_MODULES)}")
-    py = pythons["trl" if framework == "trl-bf16" else framework]
+    py = pythons[_PYTHON.get(framework, framework)]
     cmd = [py, "-m", _MODULES[framework], "--task", task, "--workdir", workdir]
     cmd += ["--steps", str(steps), "--warmup", str(warmup)]
-    if framework == "trl-bf16":
-        cmd.append("--bf16")
-    return cmd
+    return cmd + _FLAGS.get(framework, [])
 
 
 def run_one(cmd: list[str], *, timeout: float) -> dict[str, Any]:

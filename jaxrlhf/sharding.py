@@ -194,6 +194,12 @@ class activation_mesh:  # noqa: N801 - used as a context manager, like jax.shard
         _ACTIVE_MESH.pop()
 
 
+def axis_size(name: str) -> int:
+    """Size of mesh axis ``name`` in the active ``activation_mesh`` (1 outside one)."""
+    mesh = _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+    return 1 if mesh is None else int(dict(mesh.shape).get(name, 1))
+
+
 def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(LOGICAL_RULES.get(n) if n is not None else None for n in names))
 

@@ -259,3 +259,39 @@ def test_compare_commands_and_task_support(tmp_path):
     missing = compare.run_one([str(tmp_path / "nope" / "python"), "-c", "1"], timeout=5)
     assert "not found" in missing["error"]
     assert compare.SUPPORTED_TASKS["tunix"] == ("dpo",)
+
+
+# ----------------------------------------------------------------------------- our runner, profile
+def test_ours_runner_packed_equals_padded(tiny_dir):
+    """The benchmark's jaxrlhf runner: packing (its default) trains on the same real tokens and
+    reaches the same loss as padding, step for step."""
+    from jaxrlhf.bench import ours
+
+    packed = ours.run("dpo", tiny_dir, steps=2, warmup=1, pad_multiple=16, packing=True)
+    padded = ours.run("dpo", tiny_dir, steps=2, warmup=1, pad_multiple=16, packing=False)
+    assert packed["config"]["packing"] and not padded["config"]["packing"]
+    assert packed["real_tokens_per_step"] == padded["real_tokens_per_step"]
+    np.testing.assert_allclose(packed["config"]["final_loss"], padded["config"]["final_loss"], rtol=1e-5)
+    results.validate(packed)
+
+
+def test_profile_reports_kernel_categories(tiny_dir):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxrlhf.bench.profile",
+        "--task",
+        "reward",
+        "--workdir",
+        tiny_dir,
+        "--steps",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "matmul: projections/MLP/head" in out.stdout and "elementwise/copy/reduce" in out.stdout
+    kernel_ms = float(out.stdout.split("packing=True: ")[1].split(" kernel-ms")[0])
+    assert kernel_ms > 0

@@ -128,8 +128,9 @@ def test_packed_segments_do_not_attend_across(name):
 
 @pytest.mark.parametrize("t,window", [(200, None), (150, 40), (64, None)])
 def test_chunked_causal_attention_equals_full(t, window):
-    """``attend(causal=True)`` (query chunks against their key prefix) == one masked softmax, values
-    and gradients, with GQA, left padding, a sliding window and packed segments."""
+    """``attend`` (its FlashAttention-style backward; ``causal=True``: query chunks against their key
+    prefix) == one plain masked softmax, values and gradients, with GQA, left padding, a sliding
+    window and packed segments."""
     from jaxrlhf.models.modeling import attend, attention_chunks, window_mask
 
     chunks = attention_chunks(t)
@@ -149,16 +150,23 @@ def test_chunked_causal_attention_equals_full(t, window):
     def f(causal):
         return lambda q, kk, vv: attend(q, kk, vv, allowed, causal=causal)
 
-    full, chunked = f(False)(q, *kv), f(True)(q, *kv)
+    def naive(q, kk, vv):  # one plain jax.nn.softmax over [B, T, H, S], autodiff backward
+        kk, vv = jnp.repeat(kk, h // k, axis=2), jnp.repeat(vv, h // k, axis=2)
+        sc = jnp.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(d)
+        p = jax.nn.softmax(jnp.where(allowed[:, None], sc, -1e30), axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", p, vv)
+
     real = np.asarray(key_ok)[:, :, None, None]  # fully masked (padding) query rows may differ
-    np.testing.assert_allclose(np.where(real, chunked, 0), np.where(real, full, 0), atol=2e-6, rtol=0)
     w = jnp.asarray(r.normal(size=q.shape), jnp.float32) * jnp.asarray(real, jnp.float32)
 
     def loss(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))
 
-    for g1, g2 in zip(loss(f(True))(q, *kv), loss(f(False))(q, *kv), strict=True):
-        np.testing.assert_allclose(g1, g2, atol=2e-5, rtol=0)
+    ref, ref_grads = naive(q, *kv), loss(naive)(q, *kv)
+    for fn in (f(False), f(True)):
+        np.testing.assert_allclose(np.where(real, fn(q, *kv), 0), np.where(real, ref, 0), atol=2e-6, rtol=0)
+        for g1, g2 in zip(loss(fn)(q, *kv), ref_grads, strict=True):
+            np.testing.assert_allclose(g1, g2, atol=2e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------- KV cache

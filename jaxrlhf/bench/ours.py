@@ -66,10 +66,11 @@ def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int, pack
     return c
 
 
-def run(
-    task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, precompile: bool = True,
-    packing: bool = True,
-) -> dict:  # fmt: skip
+def setup(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int = 64, packing: bool = True):
+    """The workload, its rows, a fresh-iterator factory, the train state and the compiled step.
+
+    Returns ``(w, rows, iterator, state, train_step, mesh)``; ``iterator()`` starts at the first batch.
+    """
     w, paths, rows = wl.load(workdir)
     c = build_config(task, w, paths, pad_multiple, packing)
     mesh = loop.make_mesh(c.mesh)
@@ -81,15 +82,21 @@ def run(
             ds, w.batch_size, shuffle=False, bucket=False, pad_to_multiple_of=pad_multiple, packing=packing
         )
 
-    it = iterator()
     graphdef, params, _ = loop.load_model(c, c.model, mesh, head="scalar" if task == "reward" else None)
     loss_fn, denoms, uses_ref = algorithms.build(c, graphdef)
     tx, _ = make_optimizer(c.optim, steps + warmup)
     step_fn = make_train_step(loss_fn, denoms, tx)
     shardings = loop.state_shardings(tx, params, mesh, with_ref=uses_ref)
     state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
-    train_step = loop.jit_step(step_fn, shardings, mesh)
+    return w, rows, iterator, state, loop.jit_step(step_fn, shardings, mesh), mesh
 
+
+def run(
+    task: str, workdir: str, steps: int, warmup: int, pad_multiple: int, precompile: bool = True,
+    packing: bool = True,
+) -> dict:  # fmt: skip
+    w, rows, iterator, state, train_step, mesh = setup(task, workdir, steps, warmup, pad_multiple, packing)
+    it = iterator()
     if precompile:  # every shape the run's batches have, compiled before the clock starts
         t0 = time.perf_counter()
         probe, seen = iterator(), set()

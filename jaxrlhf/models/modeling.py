@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.sharding import constrain
+from jaxrlhf.sharding import axis_size, constrain
 
 NEG_INF = -1e30  # finite large-negative fill: a fully masked row stays finite (uniform), never NaN
 
@@ -44,16 +44,41 @@ class Linear(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        dt = jnp.dtype(self.dtype)
-        kernel = self.kernel[...].astype(dt)
-        # A 2-D dot: its transpose (the kernel gradient) is then one [in, N] x [N, out] contraction.
-        # Left 3-D, XLA:CPU wrote the activation gradient in a transposed layout first (measured:
-        # SwiGLU MLP forward + backward 186 -> 106 ms at [16, 448, 256] -> 688, see docs/benchmarks.md).
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dt), kernel, preferred_element_type=out_dtype)
-        y = y.reshape(*x.shape[:-1], kernel.shape[-1])
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y.astype(out_dtype or dt)
+        bias = None if self.bias is None else self.bias[...]
+        return dense(x, self.kernel[...], bias, self.dtype, out_dtype)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias, dtype, out_dtype=None) -> jax.Array:
+    """``x [..., in] @ kernel [in, out] (+ bias)`` in ``dtype``, output in ``out_dtype or dtype``."""
+    dt = jnp.dtype(dtype)
+    # A 2-D dot: its transpose (the kernel gradient) is then one [in, N] x [N, out] contraction.
+    # Left 3-D, XLA:CPU wrote the activation gradient in a transposed layout first (measured:
+    # SwiGLU MLP forward + backward 186 -> 106 ms at [16, 448, 256] -> 688, see docs/benchmarks.md).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dt), kernel.astype(dt), preferred_element_type=out_dtype)
+    y = y.reshape(*x.shape[:-1], kernel.shape[-1])
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y.astype(out_dtype or dt)
+
+
+def fused_dense(x: jax.Array, layers) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` as one dot on the concatenated kernels, split back.
+
+    One matmul instead of several, and in the backward one activation-gradient matmul instead of a
+    sum of several (measured on CPU: see docs/benchmarks.md). Only without tensor parallelism: with a
+    ``tensor`` axis > 1 the kernels are column-sharded and concatenating them would move data.
+    """
+    if len(layers) == 1 or axis_size("tensor") > 1:
+        return [layer(x) for layer in layers]
+    kernels = [layer.kernel[...] for layer in layers]
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = jnp.concatenate([
+            layer.bias[...] if layer.bias is not None else jnp.zeros(k.shape[-1], k.dtype)
+            for layer, k in zip(layers, kernels, strict=True)
+        ])  # fmt: skip
+    y = dense(x, jnp.concatenate(kernels, axis=1), bias, layers[0].dtype)
+    return jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
 
 
 class Norm(nnx.Module):
@@ -108,6 +133,49 @@ def attention_chunks(t: int, max_chunks: int = 8, min_chunk: int = 64) -> list[t
     return [(s, min(s + size, t)) for s in range(0, t, size)]
 
 
+def _scaled_scores(q, k, allowed):
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(allowed[:, None, None], s * (1.0 / math.sqrt(q.shape[-1])), NEG_INF)
+
+
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """``softmax(q k^T / sqrt(D), masked) v`` per KV head: ``q [B,K,G,T,D]``, ``k, v [B,K,S,D]``,
+    ``allowed [B,T,S]`` bool -> ``[B,K,G,T,D]`` in ``q.dtype`` (scores and softmax in float32).
+
+    The backward is FlashAttention's: it keeps the output and the row log-sum-exp instead of the
+    ``[B,K,G,T,S]`` probabilities, recomputes them, and uses ``rowsum(dO * O)`` in place of the
+    softmax's ``rowsum(P * dP)`` (Dao et al., 2022): less memory and fewer passes over ``T x S``.
+    """
+    return _softmax_attention_fwd(q, k, v, allowed)[0]
+
+
+def _softmax_attention_fwd(q, k, v, allowed):
+    s = _scaled_scores(q, k, allowed)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgts,bksd->bkgtd", e.astype(q.dtype), v, preferred_element_type=jnp.float32) / denom
+    o = o.astype(q.dtype)
+    return o, (q, k, v, allowed, o, m + jnp.log(denom))
+
+
+def _softmax_attention_bwd(res, do):
+    q, k, v, allowed, o, lse = res
+    dt, f32 = q.dtype, jnp.float32
+    p = jnp.exp(_scaled_scores(q, k, allowed) - lse)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(dt), do, preferred_element_type=f32)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", do, v, preferred_element_type=f32)
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+    ds = (p * (dp - delta) * (1.0 / math.sqrt(q.shape[-1]))).astype(dt)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=f32)
+    return dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, causal: bool = False):
     """Masked softmax attention with GQA.
 
@@ -118,8 +186,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, caus
         full forward). Queries are then processed in chunks (``attention_chunks``), each against the
         keys up to its last query only, so the masked upper triangle is mostly never computed.
     Returns:
-      ``[B, T, H, D]`` in ``q.dtype``. Scores/softmax in float32 with a finite large-negative fill
-      (a query with no allowed key gets the mean of the values it was scored against).
+      ``[B, T, H, D]`` in ``q.dtype`` (``softmax_attention``). A query with no allowed key gets the
+      mean of the values it was scored against (finite, never NaN).
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -130,12 +198,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, caus
     outs = []
     for t0, t1 in chunks:
         s1 = t1 if causal and t == s else s
-        scores = jnp.einsum(
-            "bkgtd,bksd->bkgts", qh[:, :, :, t0:t1], kt[:, :, :s1], preferred_element_type=jnp.float32
+        outs.append(
+            softmax_attention(qh[:, :, :, t0:t1], kt[:, :, :s1], vt[:, :, :s1], allowed[:, t0:t1, :s1])
         )
-        scores = jnp.where(allowed[:, None, None, t0:t1, :s1], scores / math.sqrt(d), NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, vt[:, :, :s1]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
@@ -167,9 +232,10 @@ class Attention(nnx.Module):
         """Projects ``x [B,T,E]`` to rotated ``q [B,T,H,D]`` and ``k, v [B,T,K,D]``."""
         c = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = fused_dense(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
@@ -194,7 +260,8 @@ class MLP(nnx.Module):
     def __call__(self, x):
         act = _act(self.activation)
         if self.gate_proj is not None:
-            h = act(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = fused_dense(x, [self.gate_proj, self.up_proj])
+            h = act(gate) * up
         else:
             h = act(self.up_proj(x))
         h = constrain(h, ("batch", "length", "mlp"))

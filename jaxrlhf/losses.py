@@ -209,7 +209,10 @@ def shifted_logprobs(
             f"logits {logits.shape}, input_ids {input_ids.shape}, loss_mask {loss_mask.shape}"
         )
     mask = loss_mask[:, 1:]
-    logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    # Every position scored against the next token (the last against a dummy 0, then dropped):
+    # slicing the [B, T, V] logits first would copy them (measured on CPU: 41 ms of a DPO step).
+    labels = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    logps = token_logprobs(logits, labels)[:, :-1]
     return jnp.where(mask != 0, logps, 0.0), mask
 
 

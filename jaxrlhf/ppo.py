@@ -115,7 +115,7 @@ def ppo_losses(params, ref_params, batch, denoms, rng, *, graphdefs, cfg) -> tup
 
     pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=cfg.clip_eps)
     vf = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], clip_eps=cfg.value_clip_eps)
-    entropy = losses.entropy_from_logits(logits[:, :-1])
+    entropy = losses.entropy_from_logits(logits)[:, :-1]
     loss = tsum(pg) + cfg.vf_coef * tsum(vf) - cfg.entropy_coef * tsum(entropy)
     kl_ref = losses.kl_penalty(logps, batch["ref_logprobs"], estimator=cfg.kl_estimator)
     if cfg.kl_mode == "loss":
@@ -271,7 +271,7 @@ def make_score_fn(roles: Roles, mesh, temperature: float):
             ref_logits = apply_model(roles.actor_gd, ref_params, seq).astype(jnp.float32) / temperature
             ref_lp, _ = losses.shifted_logprobs(ref_logits, seq["input_ids"], seq["loss_mask"])
             values = apply_model(roles.critic_gd, params["critic"], seq)[:, :-1].astype(jnp.float32)
-            entropy = losses.masked_mean(losses.entropy_from_logits(logits[:, :-1]), mask)
+            entropy = losses.masked_mean(losses.entropy_from_logits(logits)[:, :-1], mask)
         return {
             "old_logprobs": old_lp,
             "ref_logprobs": ref_lp,

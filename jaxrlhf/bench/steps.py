@@ -16,7 +16,8 @@ non-embedding matmul parameters):
   model, every position of the padded batch: the hardware does that work).
 * DPO: policy forward + backward on chosen and rejected, plus the reference forward:
   ``(1 + 1/3) × flops_per_token(T) ×`` tokens ("2N per reference/score token").
-* PPO update (one epoch): actor and critic forward + backward on the rollout tokens.
+* PPO update (``ppo_update``: one minibatch step): actor and critic forward + backward on the
+  rollout tokens, ``flops_per_token`` of each (the critic's with its scalar head).
 * Sampler: ``2N`` per prefill token and per decoded token; the decode bound is the HBM bandwidth
   over the bytes read per decode step (parameters + KV cache), reported as a fraction on GPUs.
 """
@@ -174,6 +175,53 @@ def bench_train_step(algo: str, cfg_model, a, mesh, peak, rng) -> dict[str, Any]
     }
 
 
+def bench_ppo_update(cfg_model, a, mesh, peak, rng) -> dict[str, Any]:
+    """One PPO minibatch update (``jaxrlhf.ppo.ppo_losses``: actor and critic forward + backward,
+    clipped policy and value losses, AdamW) on a synthetic rollout of ``a.batch`` sequences."""
+    import functools
+
+    from jaxrlhf import ppo
+
+    c = d.base("ppo")
+    c.ppo = d.ppo()
+    actor_gd, actor_params, mcfg = loop.load_model(c, cfg_model, mesh)
+    critic_gd, critic_params, ccfg = loop.load_model(c, cfg_model, mesh, head="scalar")
+    params = {"actor": actor_params, "critic": critic_params}
+    tx, _ = make_optimizer(d.optim(lr=1e-5, warmup_steps=0, schedule="constant"), 100)
+    loss_fn = functools.partial(ppo.ppo_losses, graphdefs=(actor_gd, critic_gd), cfg=c.ppo)
+    step_fn = make_train_step(loss_fn, ppo.token_denominators, tx, num_micro_batches=a.micro_batches)
+    shardings = loop.state_shardings(tx, params, mesh, with_ref=False)
+    state = loop.create_state(tx, params, shardings, with_ref=False, seed=0)
+    step = loop.jit_step(step_fn, shardings, mesh)
+    host = synthetic_sequences(rng, a.batch, a.seq, mcfg.vocab_size)
+    act = host["loss_mask"][:, 1:].astype(np.float32)
+    for k, scale in (("old_logprobs", -2.0), ("ref_logprobs", -2.0), ("old_values", 0.5), ("returns", 1.0)):
+        host[k] = (scale * rng.random((a.batch, a.seq - 1)) * act).astype(np.float32)
+    host["advantages"] = (rng.normal(size=(a.batch, a.seq - 1)) * act).astype(np.float32)
+    host["kl_coef"] = np.full((a.batch,), 0.05, np.float32)
+    batch = shard_batch(mesh, host)
+    holder = {"state": state}
+
+    def call():
+        holder["state"], _ = step(holder["state"], batch)
+        return holder["state"]
+
+    times = time_calls(call, a.warmup, a.steps)
+    real, padded = float(host["attention_mask"].sum()), float(host["attention_mask"].size)
+    flops = (models.flops_per_token(mcfg, a.seq) + models.flops_per_token(ccfg, a.seq)) * padded
+    med = statistics.median(times)
+    return {
+        "step": "ppo_update",
+        "params": models.count_params(holder["state"].params),
+        "step_time_s": spread(times),
+        "real_tokens_per_s": real / med,
+        "padded_tokens_per_s": padded / med,
+        "tflops_per_s": flops / med / 1e12,
+        "mfu": flops / med / peak["flops"],
+        "memory": step.memory,
+    }
+
+
 def bench_sampler(cfg_model, a, mesh, peak, rng, batch: int) -> dict[str, Any]:
     c = d.base("sft")
     graphdef, params, mcfg = loop.load_model(c, cfg_model, mesh)
@@ -286,7 +334,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--sampler_batch", type=int, default=32, help="the large sampler batch (1 is always run)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--only", default="sft,reward,dpo,sampler,ppo_iteration")
+    ap.add_argument("--only", default="sft,reward,dpo,ppo_update,sampler,ppo_iteration")
     ap.add_argument("--out", default=None, help="write JSON (and a .md beside it)")
     a = ap.parse_args(argv)
     mesh = make_mesh(dict(data=1, fsdp=a.fsdp, tensor=1))
@@ -300,6 +348,9 @@ def main(argv=None) -> dict[str, Any]:
         if algo in only:
             results.append(bench_train_step(algo, cfg_model, a, mesh, peak, rng))
             print(json.dumps(results[-1]), flush=True)
+    if "ppo_update" in only:
+        results.append(bench_ppo_update(cfg_model, a, mesh, peak, rng))
+        print(json.dumps(results[-1]), flush=True)
     if "sampler" in only:
         for b in (1, a.sampler_batch):
             results.append(bench_sampler(cfg_model, a, mesh, peak, rng, b))

@@ -149,22 +149,27 @@ def bench_train_step(algo: str, cfg_model, a, mesh, peak, rng) -> dict[str, Any]
         ch, rj = (synthetic_sequences(rng, a.batch, a.seq, mcfg.vocab_size) for _ in range(2))
         host = {**{f"chosen_{k}": v for k, v in ch.items()}, **{f"rejected_{k}": v for k, v in rj.items()}}
         host["margin"] = np.zeros(a.batch, np.float32)
+    flops_per_token = models.flops_per_token(mcfg, a.seq) * (4 / 3 if algo == "dpo" else 1.0)
+    return time_train_step(algo, step, state, host, mesh, a, peak, flops_per_token)
+
+
+def time_train_step(name, step, state, host, mesh, a, peak, flops_per_token) -> dict[str, Any]:
+    """Times ``step`` on the batch ``host`` and reports tokens/s (real and padded), FLOP/s, MFU."""
     batch = shard_batch(mesh, host)
     holder = {"state": state}
 
     def call():
-        holder["state"], m = step(holder["state"], batch)
+        holder["state"], _ = step(holder["state"], batch)
         return holder["state"]
 
     times = time_calls(call, a.warmup, a.steps)
     masks = [v for k, v in host.items() if k.endswith("attention_mask")]
     real = float(sum(m.sum() for m in masks))
     padded = float(sum(m.size for m in masks))
-    fpt = models.flops_per_token(mcfg, a.seq)
-    flops = fpt * padded * (4 / 3 if algo == "dpo" else 1.0)
+    flops = flops_per_token * padded
     med = statistics.median(times)
     return {
-        "step": algo,
+        "step": name,
         "params": models.count_params(holder["state"].params),
         "step_time_s": spread(times),
         "real_tokens_per_s": real / med,
@@ -199,27 +204,8 @@ def bench_ppo_update(cfg_model, a, mesh, peak, rng) -> dict[str, Any]:
         host[k] = (scale * rng.random((a.batch, a.seq - 1)) * act).astype(np.float32)
     host["advantages"] = (rng.normal(size=(a.batch, a.seq - 1)) * act).astype(np.float32)
     host["kl_coef"] = np.full((a.batch,), 0.05, np.float32)
-    batch = shard_batch(mesh, host)
-    holder = {"state": state}
-
-    def call():
-        holder["state"], _ = step(holder["state"], batch)
-        return holder["state"]
-
-    times = time_calls(call, a.warmup, a.steps)
-    real, padded = float(host["attention_mask"].sum()), float(host["attention_mask"].size)
-    flops = (models.flops_per_token(mcfg, a.seq) + models.flops_per_token(ccfg, a.seq)) * padded
-    med = statistics.median(times)
-    return {
-        "step": "ppo_update",
-        "params": models.count_params(holder["state"].params),
-        "step_time_s": spread(times),
-        "real_tokens_per_s": real / med,
-        "padded_tokens_per_s": padded / med,
-        "tflops_per_s": flops / med / 1e12,
-        "mfu": flops / med / peak["flops"],
-        "memory": step.memory,
-    }
+    flops_per_token = models.flops_per_token(mcfg, a.seq) + models.flops_per_token(ccfg, a.seq)
+    return time_train_step("ppo_update", step, state, host, mesh, a, peak, flops_per_token)
 
 
 def bench_sampler(cfg_model, a, mesh, peak, rng, batch: int) -> dict[str, Any]:

@@ -159,7 +159,8 @@ class BatchIterator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.fixed_length = bool(fixed_length) or self.packing
-        self.pack_pairs = self.packing and dataset.kind == "preference"
+        self.pack_pairs = self.packing and dataset.kind == "preference"  # packed per batch
+        self.pack_sft = self.packing and not self.pack_pairs  # packed in the epoch plan
         self.micro_batches = int(micro_batches)
         self.row_multiple = int(np.lcm(max(1, int(row_multiple)), self.process_count))
         if self.pack_pairs and B % self.micro_batches:
@@ -200,7 +201,7 @@ class BatchIterator:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         lengths = self.dataset.lengths
-        if self.packing and not self.pack_pairs:
+        if self.pack_sft:
             window = max(B, self.bucket_window * B)
             bins = []
             for s in range(0, n, window):
@@ -223,9 +224,8 @@ class BatchIterator:
             if self.drop_remainder:
                 batches.pop()
             else:
-                empty = [] if self.packing and not self.pack_pairs else -1
-                batches[-1] = batches[-1] + [empty] * (B - len(batches[-1]))
-        if self.bucket and self.shuffle and not (self.packing and not self.pack_pairs):
+                batches[-1] = batches[-1] + [[] if self.pack_sft else -1] * (B - len(batches[-1]))
+        if self.bucket and self.shuffle and not self.pack_sft:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         self._plan_epoch, self._plan = epoch, batches
         return batches
@@ -270,7 +270,7 @@ class BatchIterator:
     def _seq_len(self, global_units: list) -> tuple[int, int]:
         """(T, real tokens of the global batch)."""
         ds = self.dataset
-        if self.packing and not self.pack_pairs:
+        if self.pack_sft:
             return self.max_len, int(sum(ds.lengths[i] for b in global_units for i in b))
         idx = np.asarray([i for i in global_units if i >= 0], np.int64)
         longest = int(ds.lengths[idx].max()) if len(idx) else 1
@@ -300,11 +300,11 @@ class BatchIterator:
         if self.pack_pairs:  # packed over the global batch, then this process's rows and pairs
             out = self.dataset.collate_packed(units, T, self.pad_id, self.micro_batches, self.row_multiple)
             rows = out["input_ids"].shape[0] // self.process_count
-            self.last_padding_fraction = 1.0 - 2.0 * real / float(out["input_ids"].size)
+            self.last_padding_fraction = 1.0 - out["attention_mask"].sum() / float(out["attention_mask"].size)
             self.last_num_rows = sum(1 for i in local if i >= 0)
             sl = lambda x, n: x[self.process_index * n : (self.process_index + 1) * n]
             return {k: sl(v, rows) if v.ndim == 2 else sl(v, self.local_batch_size) for k, v in out.items()}
-        if self.packing:
+        if self.pack_sft:
             self.last_num_rows = sum(1 for b in local if b)
             return self.dataset.collate_packed(local, T, self.pad_id)
         self.last_num_rows = sum(1 for i in local if i >= 0)

@@ -194,10 +194,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, caus
     qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
     kt = k.astype(q.dtype).transpose(0, 2, 1, 3)  # [B,K,S,D]
     vt = v.astype(q.dtype).transpose(0, 2, 1, 3)
-    chunks = attention_chunks(t) if causal and t == s else [(0, t)]
+    chunked = causal and t == s
+    chunks = attention_chunks(t) if chunked else [(0, t)]
     outs = []
     for t0, t1 in chunks:
-        s1 = t1 if causal and t == s else s
+        s1 = t1 if chunked else s
         outs.append(
             softmax_attention(qh[:, :, :, t0:t1], kt[:, :, :s1], vt[:, :, :s1], allowed[:, t0:t1, :s1])
         )

@@ -280,14 +280,18 @@ class Block(nnx.Module):
         self.parallel = cfg.parallel_residual
         self.window = cfg.layer_window(layer_idx)
 
-    def __call__(self, x, cos, sin, allowed, kv_fn=None):
-        """``x [B,T,E]``; ``allowed [B,T,S]``; ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache."""
+    def __call__(self, x, cos, sin, allowed, kv_fn=None, head_mask=None):
+        """``x [B,T,E]``; ``allowed [B,T,S]``; ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache;
+        ``head_mask [H]`` (optional) multiplies each head's attention output before ``o_proj``."""
         q, k, v = self.attn.qkv(self.input_norm(x), cos, sin)
         new_kv = (k, v)
         if kv_fn is not None:
             k, v, new_kv = kv_fn(k, v)
         # No cache: the full forward, whose mask is causal by construction (``Transformer.__call__``).
-        a = self.attn.out(attend(q, k, v, allowed, causal=kv_fn is None))
+        o = attend(q, k, v, allowed, causal=kv_fn is None)  # [B,T,H,D]
+        if head_mask is not None:
+            o = o * head_mask.astype(o.dtype)[None, None, :, None]
+        a = self.attn.out(o)
         if self.parallel:
             x = x + a + self.mlp(self.post_attn_norm(x))
         else:
@@ -353,7 +357,9 @@ class Transformer(nnx.Module):
             return None, None
         return rope_cos_sin(self.config, positions)
 
-    def _head(self, x):
+    def unembed(self, x: jax.Array) -> jax.Array:
+        """Final norm + output head on a residual stream ``x [B,T,E]``: logits ``[B,T,V]`` (or
+        scalars ``[B,T]``) float32. On an intermediate layer's residual this is the logit lens."""
         x = self.final_norm(x)
         if self.score is not None:
             return self.score(x, out_dtype=jnp.float32)[..., 0]  # [B,T] f32
@@ -365,7 +371,16 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     # ------------------------------------------------------------------ full forward
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        segment_ids=None,
+        *,
+        head_mask=None,
+        return_hidden: bool = False,
+    ):
         """Full forward.
 
         Args:
@@ -373,8 +388,17 @@ class Transformer(nnx.Module):
           attention_mask: ``[B, T]`` 1 real / 0 padding (left or right), optional.
           positions: ``[B, T]`` int positions; default from ``segment_ids`` / ``attention_mask``.
           segment_ids: ``[B, T]`` packed-example ids (0 = padding); attention never crosses them.
+          head_mask: ``[L, H]`` float, optional: head ``h`` of layer ``l``'s attention output
+            (``[B,T,D]``, before ``o_proj``) is multiplied by ``head_mask[l, h]``; 0 ablates the
+            head, 1 keeps it. ``None`` (default) adds nothing to the trace.
+          return_hidden: a Python bool (static): also return the residual streams.
         Returns:
           float32 logits ``[B, T, V]``, or float32 scalars ``[B, T]`` when ``head == "scalar"``.
+          With ``return_hidden``: ``(out, hidden)``, ``hidden`` a tuple of ``L + 1`` arrays
+          ``[B, T, E]`` in ``config.dtype``: the embedding output (positions included), then the
+          residual stream after each block, all *before* the final norm (HF's
+          ``output_hidden_states`` equal these except its last entry, which is after the final
+          norm). ``unembed(hidden[l])`` is the logit lens; ``unembed(hidden[L]) == out``.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -391,17 +415,22 @@ class Transformer(nnx.Module):
         x = self._embed(input_ids, positions)
         cos, sin = self._rope(positions)
         masks: dict[int | None, jax.Array] = {}
-        for layer in self.layers:
+        hidden = [x]
+        for i, layer in enumerate(self.layers):
             w = layer.window
             if w not in masks:
                 masks[w] = base & window_mask(slots, slots, w)[None]
+            hm = None if head_mask is None else head_mask[i]
             if self.config.remat:
-                x, _ = nnx.remat(lambda blk, x, cos, sin, m: blk(x, cos, sin, m))(
-                    layer, x, cos, sin, masks[w]
+                x, _ = nnx.remat(lambda blk, x, cos, sin, m, hm: blk(x, cos, sin, m, head_mask=hm))(
+                    layer, x, cos, sin, masks[w], hm
                 )
             else:
-                x, _ = layer(x, cos, sin, masks[w])
-        return self._head(x)
+                x, _ = layer(x, cos, sin, masks[w], head_mask=hm)
+            if return_hidden:
+                hidden.append(x)
+        out = self.unembed(x)
+        return (out, tuple(hidden)) if return_hidden else out
 
     # ------------------------------------------------------------------ KV cache
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
@@ -411,7 +440,7 @@ class Transformer(nnx.Module):
         shape = (batch, max_len, c.num_kv_heads, c.head_dim)
         return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(c.num_layers)]
 
-    def decode(self, input_ids, positions, cache, cache_mask, index):
+    def decode(self, input_ids, positions, cache, cache_mask, index, *, head_mask=None):
         """Runs ``t`` new tokens against the cache (prefill when ``index == 0``).
 
         Args:
@@ -420,6 +449,7 @@ class Transformer(nnx.Module):
           cache: from ``init_cache``; ``S`` slots.
           cache_mask: ``[B, S]`` 1 on slots holding real tokens (the new slots included).
           index: int scalar (may be traced): first slot written.
+          head_mask: ``[L, H]`` optional per-head multipliers, as in ``__call__``.
         Returns:
           ``(out, cache)``: logits ``[B, t, V]`` (or scalars ``[B, t]``) and the updated cache.
           Query at slot ``index + i`` attends slots ``s <= index + i`` with ``cache_mask[s] == 1``.
@@ -434,7 +464,7 @@ class Transformer(nnx.Module):
         base = (cache_mask != 0)[:, None, :]
         new_cache = []
         masks: dict[int | None, jax.Array] = {}
-        for layer, lc in zip(self.layers, cache, strict=True):
+        for i, (layer, lc) in enumerate(zip(self.layers, cache, strict=True)):
             w = layer.window
             if w not in masks:
                 masks[w] = base & window_mask(q_slots, k_slots, w)[None]
@@ -444,9 +474,10 @@ class Transformer(nnx.Module):
                 cv = jax.lax.dynamic_update_slice(lc["v"], v.astype(lc["v"].dtype), (0, index, 0, 0))
                 return ck, cv, {"k": ck, "v": cv}
 
-            x, lc_new = layer(x, cos, sin, masks[w], kv_fn)
+            hm = None if head_mask is None else head_mask[i]
+            x, lc_new = layer(x, cos, sin, masks[w], kv_fn, head_mask=hm)
             new_cache.append(lc_new)
-        return self._head(x), new_cache
+        return self.unembed(x), new_cache
 
 
 def count_params(params) -> int:

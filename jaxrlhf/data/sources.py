@@ -13,6 +13,8 @@ import os
 import ml_collections
 import numpy as np
 
+from jaxrlhf import paths
+
 log = logging.getLogger("jaxrlhf.data")
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -84,11 +86,15 @@ def check_data_config(cfg) -> None:
         raise ValueError(f"config.data.max_samples must be >= 0, got {option(cfg, 'max_samples')}")
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, *, config_key: str | None = "tokenizer"):
     """``transformers.AutoTokenizer`` from a local directory or hub id.
 
     A tokenizer without a pad token gets ``pad_token = eos_token`` (masks never trust pad ids).
+    A local-looking path that does not exist raises ``FileNotFoundError`` naming it and
+    ``config.<config_key>`` (``jaxrlhf.paths``); only a valid hub id is tried on the hub.
     """
+    if paths.classify(name_or_path, config_key) == "local":
+        name_or_path = os.path.expanduser(name_or_path)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -104,10 +110,12 @@ def _is_saved_dataset(path: str) -> bool:
     return bool({"dataset_info.json", "state.json", "dataset_dict.json"} & names)
 
 
-def _load_split(path: str, split: str):
-    """One split of a source as a ``datasets.Dataset``."""
+def _load_split(path: str, split: str, config_key: str = "data.path"):
+    """One split of a source as a ``datasets.Dataset`` (a local file or directory, or a hub dataset)."""
     import datasets
 
+    if paths.classify(path, config_key) == "local":
+        path = os.path.expanduser(path)
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in _FILE_BUILDERS:
@@ -159,8 +167,8 @@ def load_rows(data_cfg, split: str = "train"):
     if split == "eval":
         if eval_split:
             rows = (
-                _load_split(eval_split, "train")
-                if os.path.exists(eval_split)
+                _load_split(eval_split, "train", "data.eval_split")
+                if os.path.exists(os.path.expanduser(eval_split)) or paths.looks_local(eval_split)
                 else _load_split(path, eval_split)
             )
             index = np.arange(len(rows))

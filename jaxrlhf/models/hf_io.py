@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf import paths
 from jaxrlhf import sharding as shd
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.modeling import Transformer
@@ -221,12 +223,7 @@ class _Checkpoint:
                 if not bins:
                     raise FileNotFoundError(f"{path}: no *.safetensors (or *.bin) weight files found")
                 if not allow_pickle:
-                    raise ValueError(
-                        f"{path} has only pickle weights ({', '.join(os.path.basename(b) for b in bins)}); "
-                        "jaxrlhf loads safetensors only, since unpickling can run arbitrary code. Pass "
-                        "allow_pickle=True to from_pretrained if you trust this checkpoint (or convert "
-                        "it to safetensors)."
-                    )
+                    raise ValueError(pickle_refusal(path, bins))
                 import torch
 
                 self._torch = {}
@@ -269,11 +266,27 @@ class _Checkpoint:
             return fh.get_tensor(name)
 
 
-def _resolve(path: str, allow_pickle: bool) -> str:
-    if os.path.isdir(path):
+def pickle_refusal(path: str, bins: Sequence[str]) -> str:
+    """Why a pickle-only checkpoint is refused, and the one-liner that converts it to safetensors."""
+    names = ", ".join(os.path.basename(b) for b in bins)
+    return (
+        f"{path} has only pickle weights ({names}); jaxrlhf loads safetensors only, since unpickling "
+        "can run arbitrary code. If you trust this checkpoint, convert it once with transformers:\n"
+        '  python -c "import sys, transformers as t; '
+        "t.AutoModelForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], "
+        f'safe_serialization=True)" {shlex.quote(path)} {shlex.quote(path.rstrip(os.sep) + "-safetensors")}\n'
+        "(AutoModelForSequenceClassification for a reward model; copy the tokenizer files too) and "
+        "point the config at the new directory."
+    )
+
+
+def _resolve(path: str, allow_pickle: bool, config_key: str | None = None) -> str:
+    """A local checkpoint directory, or a hub id's snapshot (``jaxrlhf.paths`` decides which)."""
+    if paths.classify(path, config_key) == "local":
+        path = os.path.expanduser(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is a file; pass the checkpoint directory (config.json + *.safetensors)")
         return path
-    if os.path.exists(path):
-        raise ValueError(f"{path} is a file; pass the checkpoint directory (config.json + *.safetensors)")
     try:
         from huggingface_hub import snapshot_download
 
@@ -281,18 +294,25 @@ def _resolve(path: str, allow_pickle: bool) -> str:
         return snapshot_download(repo_id=path, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, no huggingface_hub
         raise FileNotFoundError(
-            f"{path!r} is not a local directory and could not be fetched from the HF hub: {e}"
+            f"{path!r}{f' (config.{config_key})' if config_key else ''} is not a local directory and "
+            f"could not be fetched from the HF hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
 
 
 def load_config(
-    path: str, *, head: str | None = None, allow_pickle: bool = False, **overrides
+    path: str,
+    *,
+    head: str | None = None,
+    allow_pickle: bool = False,
+    config_key: str | None = None,
+    **overrides,
 ) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint (local dir or hub id) without reading any weights.
 
-    ``overrides`` set any field (``dtype``, ``param_dtype``, ``remat``, ...).
+    ``overrides`` set any field (``dtype``, ``param_dtype``, ``remat``, ...). ``config_key`` (e.g.
+    ``"reward.model.path"``) is named in the error for a local path that does not exist.
     """
-    local = _resolve(path, allow_pickle)
+    local = _resolve(path, allow_pickle, config_key)
     with open(os.path.join(local, "config.json")) as fh:
         return ModelConfig.from_hf(json.load(fh), head=head, **overrides)
 
@@ -319,6 +339,7 @@ def from_pretrained(
     allow_pickle: bool = False,
     remat: bool = False,
     seed: int = 0,
+    config_key: str | None = None,
 ) -> Transformer:
     """Loads an HF checkpoint (local dir or hub id) into a ``Transformer``.
 
@@ -334,13 +355,15 @@ def from_pretrained(
       allow_pickle: permit ``*.bin`` pickle weights (``torch.load(weights_only=True)``).
       remat: gradient-checkpoint each block in the forward.
       seed: seed of a freshly initialised scalar head.
+      config_key: the config key ``path`` came from (``"model.path"``), named in the error when a
+        local-looking ``path`` does not exist (a hub id is only tried for strings shaped like one).
     Raises:
       ValueError naming the missing, unexpected and wrongly shaped tensors; an unsupported
       ``model_type`` (listing the supported ones); pickle weights without ``allow_pickle``.
     """
     from jaxrlhf.models.sharding_rules import partition_rules
 
-    local = _resolve(path, allow_pickle)
+    local = _resolve(path, allow_pickle, config_key)
     cfg = load_config(local, head=head, dtype=dtype, param_dtype=param_dtype, remat=remat)
     ckpt = _Checkpoint(local, allow_pickle)
 

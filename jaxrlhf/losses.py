@@ -25,13 +25,15 @@ Log-probabilities
 Masked reductions
   - :func:`masked_mean` ``(x, mask, axis=None)``
   - :func:`masked_whiten` ``(x, mask, shift_mean=True, eps=1e-8)``
-  - :func:`aggregate_loss` ``(per_token[B,T], mask[B,T], mode, global_denominator) -> []``
-  - :func:`loss_denominator` ``(mask[B,T], mode) -> []``
+  - :func:`aggregate_loss` ``(per_token[B,T], mask[B,T], mode, global_denominator, *, max_tokens) -> []``
+  - :func:`loss_denominator` ``(mask[B,T], mode, *, max_tokens) -> []``
 
 Preference losses
   - :func:`bradley_terry_loss` ``(chosen_rewards[B], rejected_rewards[B], margin) -> [B]``
   - :func:`dpo_loss` ``(pi_c[B], pi_r[B], ref_c[B], ref_r[B], beta, label_smoothing, loss_type) -> [B]``
   - :func:`dpo_implicit_rewards` ``(policy_logps[B], ref_logps[B], beta) -> [B]``
+  - :func:`simpo_loss` ``(pi_c[B], pi_r[B], len_c[B], len_r[B], *, beta, gamma) -> [B]``
+  - :func:`simpo_implicit_rewards` ``(policy_logps[B], lengths[B], beta) -> [B]``
 
 PPO
   - :func:`gae` ``(rewards[B,T], values[B,T], mask[B,T], gamma, lam) -> (advantages, returns)``
@@ -39,10 +41,18 @@ PPO
   - :func:`ppo_policy_loss` ``(logprobs, old_logprobs, advantages, clip_eps) -> [B,T]``
   - :func:`ppo_value_loss` ``(values, old_values, returns, clip_eps) -> [B,T]``
   - :func:`ema_update` ``(ref_params, params, decay) -> pytree``
+
+Critic-free policy optimisation (GRPO, Dr.GRPO, RLOO, REINFORCE++, DAPO, GSPO)
+  - :func:`group_advantages` ``(rewards[N], group_size, method, eps) -> [N]``
+  - :func:`group_reward_stats` ``(rewards[N], group_size) -> {mean, std, all_equal}[N/G]``
+  - :func:`reinforce_pp_returns` ``(token_rewards[B,T], mask[B,T], gamma) -> [B,T]``
+  - :func:`clipped_policy_loss` ``(logprobs, old_logprobs, advantages[B,T] or [B], mask, *,
+    clip_eps_low, clip_eps_high, ratio_level) -> ([B,T], {ratio, clipped_low, clipped_high})``
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -51,25 +61,33 @@ import jax.numpy as jnp
 __all__ = [
     "aggregate_loss",
     "bradley_terry_loss",
+    "clipped_policy_loss",
     "dpo_implicit_rewards",
     "dpo_loss",
     "ema_update",
     "entropy_from_logits",
     "gae",
+    "group_advantages",
+    "group_reward_stats",
     "kl_penalty",
     "loss_denominator",
     "masked_mean",
     "masked_whiten",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_returns",
     "sequence_logps",
     "shifted_logprobs",
+    "simpo_implicit_rewards",
+    "simpo_loss",
     "token_logprobs",
 ]
 
-AGGREGATION_MODES = ("token_mean", "seq_mean", "seq_sum")
+AGGREGATION_MODES = ("token_mean", "seq_mean", "seq_sum", "seq_sum_norm")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GROUP_ADVANTAGE_METHODS = ("grpo", "dr_grpo", "rloo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,17 +374,21 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: f
     return jnp.where(valid, out, 0)
 
 
-def loss_denominator(mask: jax.Array, mode: str = "token_mean") -> jax.Array:
+def loss_denominator(
+    mask: jax.Array, mode: str = "token_mean", *, max_tokens: int | None = None
+) -> jax.Array:
     r"""The local denominator :func:`aggregate_loss` uses for ``mode`` (before clamping at 1).
 
     ``token_mean``: the number (total weight) of valid tokens; ``seq_mean`` / ``seq_sum``: the
-    number of rows with at least one valid token. Summed over the micro-batches of a step (or
-    ``psum``-ed over devices) it is the ``global_denominator`` that makes gradient accumulation
-    exact.
+    number of rows with at least one valid token; ``seq_sum_norm``: that number of rows times
+    ``max_tokens`` (Dr.GRPO's constant). Summed over the micro-batches of a step (or ``psum``-ed
+    over devices) it is the ``global_denominator`` that makes gradient accumulation exact.
 
     Args:
       mask: ``[B, T]`` loss mask.
-      mode: one of ``"token_mean"``, ``"seq_mean"``, ``"seq_sum"``.
+      mode: one of ``"token_mean"``, ``"seq_mean"``, ``"seq_sum"``, ``"seq_sum_norm"``.
+      max_tokens: ``seq_sum_norm`` only: the constant length normaliser, e.g. the maximum
+        response length (default: the mask width ``T``). An error for the other modes.
 
     Returns:
       float32 scalar.
@@ -378,20 +400,31 @@ def loss_denominator(mask: jax.Array, mode: str = "token_mean") -> jax.Array:
       >>> m = jnp.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]])
       >>> print(losses.loss_denominator(m, "token_mean"), losses.loss_denominator(m, "seq_mean"))
       4.0 2.0
+      >>> print(losses.loss_denominator(m, "seq_sum_norm", max_tokens=8))
+      16.0
     """
-    _check_mode(mode)
+    _check_mode(mode, max_tokens)
     mask = jnp.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"loss_denominator: mask must be [B, T], got shape {mask.shape}")
     w = jnp.where(mask != 0, _up(mask), 0)
     if mode == "token_mean":
         return jnp.sum(w)
-    return jnp.sum(jnp.any(mask != 0, axis=-1)).astype(w.dtype)
+    rows = jnp.sum(jnp.any(mask != 0, axis=-1)).astype(w.dtype)
+    if mode == "seq_sum_norm":
+        return rows * (mask.shape[-1] if max_tokens is None else max_tokens)
+    return rows
 
 
-def _check_mode(mode: str) -> None:
+def _check_mode(mode: str, max_tokens: int | None = None) -> None:
     if mode not in AGGREGATION_MODES:
         raise ValueError(f"aggregation mode must be one of {AGGREGATION_MODES}, got {mode!r}")
+    if max_tokens is None:
+        return
+    if mode != "seq_sum_norm":
+        raise ValueError(f"max_tokens={max_tokens} is read only by mode 'seq_sum_norm', not {mode!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
 
 
 def aggregate_loss(
@@ -399,17 +432,24 @@ def aggregate_loss(
     mask: jax.Array,
     mode: str = "token_mean",
     global_denominator: jax.Array | float | None = None,
+    *,
+    max_tokens: int | None = None,
 ) -> jax.Array:
     r"""Reduce a per-token loss ``[B, T]`` to a scalar: token-mean, sequence-mean or sequence-sum.
 
     .. math::
         \text{token\_mean} = \frac{\sum_{b,t} m_{bt} \ell_{bt}}{D_{tok}}, \quad
         \text{seq\_mean} = \frac{1}{D_{seq}} \sum_{b} \frac{\sum_t m_{bt} \ell_{bt}}{\sum_t m_{bt}},
-        \quad \text{seq\_sum} = \frac{1}{D_{seq}} \sum_{b} \sum_t m_{bt} \ell_{bt}
+        \quad \text{seq\_sum} = \frac{1}{D_{seq}} \sum_{b} \sum_t m_{bt} \ell_{bt},
+        \quad \text{seq\_sum\_norm} = \frac{1}{D_{seq} L} \sum_{b} \sum_t m_{bt} \ell_{bt}
 
     ``D_tok`` is the number of valid tokens and ``D_seq`` the number of rows with at least one
     valid token (rows with none contribute nothing), both clamped at 1 — or, when given,
-    ``global_denominator``. For gradient accumulation pass the *global* denominator of the whole
+    ``global_denominator``. ``seq_sum_norm`` is Dr.GRPO's aggregation: every token weighs the
+    same whatever its sequence's length, and the normaliser ``D_seq · L`` (``L = max_tokens``,
+    the maximum response length; the mask width ``T`` by default) does not depend on the
+    lengths sampled, so there is neither the length bias of ``seq_mean`` nor the batch-dependent
+    scale of ``token_mean``. For gradient accumulation pass the *global* denominator of the whole
     step (the sum of :func:`loss_denominator` over its micro-batches) to every micro-batch and
     **sum** the micro-batch losses: the result equals the full-batch value exactly, whatever the
     split. Masked slots of ``per_token`` may hold ``NaN``/``inf``: the value ignores them (for a
@@ -419,10 +459,13 @@ def aggregate_loss(
       per_token: ``[B, T]`` unreduced loss (e.g. from :func:`ppo_policy_loss`).
       mask: ``[B, T]`` 1 on valid tokens, 0 elsewhere.
       mode: ``"token_mean"`` (every token weighs the same), ``"seq_mean"`` (every sequence weighs
-        the same; each is its token-mean) or ``"seq_sum"`` (mean over sequences of the per-sequence
-        sum, e.g. DPO-style sequence losses).
+        the same; each is its token-mean), ``"seq_sum"`` (mean over sequences of the per-sequence
+        sum, e.g. DPO-style sequence losses) or ``"seq_sum_norm"`` (``seq_sum / max_tokens``).
       global_denominator: optional scalar replacing the local denominator (tokens for
-        ``token_mean``, sequences for the others); clamped at 1.
+        ``token_mean``, sequences for ``seq_mean``/``seq_sum``, sequences × ``max_tokens`` for
+        ``seq_sum_norm``: the sum of :func:`loss_denominator` over the step); clamped at 1.
+      max_tokens: ``seq_sum_norm`` only, without ``global_denominator`` (which already holds it):
+        the constant ``L``; an error otherwise.
 
     Returns:
       float32 scalar.
@@ -438,15 +481,20 @@ def aggregate_loss(
       token_mean 3.0
       seq_mean 3.5
       seq_sum 4.5
+      >>> print(losses.aggregate_loss(loss, m, "seq_sum_norm", max_tokens=3))  # (4 + 5) / (2 * 3)
+      1.5
       >>> half = [losses.aggregate_loss(loss[i : i + 1], m[i : i + 1], global_denominator=3) for i in (0, 1)]
       >>> print(sum(half))
       3.0
 
     References:
       Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (the length
-      bias of sequence-mean aggregation).
+      bias of sequence-mean aggregation; Dr.GRPO's constant normaliser, ``seq_sum_norm``); Yu et
+      al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (token-mean).
     """
-    _check_mode(mode)
+    _check_mode(mode, max_tokens)
+    if global_denominator is not None and max_tokens is not None:
+        raise ValueError("aggregate_loss: pass max_tokens to loss_denominator, not with a global_denominator")
     x = _up(per_token)
     if x.ndim != 2:
         raise ValueError(f"aggregate_loss: per_token must be [B, T], got shape {x.shape}")
@@ -455,7 +503,7 @@ def aggregate_loss(
     if global_denominator is not None:
         den = jnp.maximum(jnp.asarray(global_denominator, x.dtype), 1)
     else:
-        den = jnp.maximum(loss_denominator(mask, mode).astype(x.dtype), 1)
+        den = jnp.maximum(loss_denominator(mask, mode, max_tokens=max_tokens).astype(x.dtype), 1)
     if mode == "token_mean":
         return jnp.sum(row_sum) / den
     if mode == "seq_mean":
@@ -596,6 +644,91 @@ def dpo_implicit_rewards(policy_logps: jax.Array, ref_logps: jax.Array, beta: fl
     """
     dtype = _compute_dtype(policy_logps, ref_logps)
     return beta * (_up(policy_logps, dtype) - _up(ref_logps, dtype))
+
+
+def simpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> jax.Array:
+    r"""SimPO loss per pair: reference-free, length-normalised preference loss with a margin.
+
+    .. math::
+        \ell = -\log \sigma\left(\frac{\beta}{|y_w|} \log \pi(y_w \mid x)
+        - \frac{\beta}{|y_l|} \log \pi(y_l \mid x) - \gamma\right)
+
+    i.e. :func:`bradley_terry_loss` on the implicit rewards of :func:`simpo_implicit_rewards` with
+    the margin ``γ``. ``γ`` is the paper's target reward margin, in reward units (eq. 6), the same
+    quantity as TRL's ``CPOConfig.simpo_gamma`` (TRL computes ``β (Δ - simpo_gamma / β)``); the
+    authors' code (``princeton-nlp/SimPO``) is configured by ``gamma_beta_ratio = γ / β`` instead.
+    Finite for log-probabilities of any magnitude; lengths below 1 are clamped at 1.
+
+    Args:
+      policy_chosen_logps: ``[B]`` summed log-probabilities of the chosen responses
+        (:func:`sequence_logps`).
+      policy_rejected_logps: ``[B]`` summed log-probabilities of the rejected responses.
+      chosen_lengths: ``[B]`` number of response tokens of each chosen response (int or float).
+      rejected_lengths: ``[B]`` number of response tokens of each rejected response.
+      beta: reward scale ``β > 0`` (the paper uses 2 to 10).
+      gamma: target reward margin ``γ`` (not ``γ/β``).
+
+    Returns:
+      ``[B]`` float32 per-pair losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> # rewards 2 * (-4 / 4) = -2 and 2 * (-9 / 3) = -6: -log sigmoid(-2 + 6 - 0.5)
+      >>> out = losses.simpo_loss(jnp.array([-4.0]), jnp.array([-9.0]), jnp.array([4]), jnp.array([3]))
+      >>> print(np.asarray(out).round(4))
+      [0.0298]
+
+    References:
+      Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+      (NeurIPS), eq. 6.
+    """
+    dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    r_w = simpo_implicit_rewards(_up(policy_chosen_logps, dtype), chosen_lengths, beta)
+    r_l = simpo_implicit_rewards(_up(policy_rejected_logps, dtype), rejected_lengths, beta)
+    return -jax.nn.log_sigmoid(r_w - r_l - jnp.asarray(gamma, dtype))
+
+
+def simpo_implicit_rewards(policy_logps: jax.Array, lengths: jax.Array, beta: float = 2.0) -> jax.Array:
+    r"""SimPO's implicit reward: the length-normalised, scaled sequence log-probability.
+
+    .. math::
+        \hat r = \frac{\beta}{|y|} \log \pi(y \mid x)
+
+    Differentiable; wrap in ``jax.lax.stop_gradient`` when used as a metric (reward margin,
+    accuracy = mean of ``r_w > r_l``).
+
+    Args:
+      policy_logps: ``[B]`` summed policy log-probabilities of the responses.
+      lengths: ``[B]`` response lengths in tokens, clamped at 1.
+      beta: the SimPO ``β``.
+
+    Returns:
+      ``[B]`` float32 implicit rewards.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> print(losses.simpo_implicit_rewards(jnp.array([-6.0, -1.0]), jnp.array([3, 0]), beta=2.0))
+      [-4. -2.]
+
+    References:
+      Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+      eq. 4.
+    """
+    dtype = _compute_dtype(policy_logps)
+    lengths = jnp.maximum(_up(lengths, dtype), 1)
+    return beta * _up(policy_logps, dtype) / lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,3 +965,301 @@ def ema_update(ref_params: Any, params: Any, decay: jax.Array | float) -> Any:
         return (a * ref.astype(dtype) + (1 - a) * new.astype(dtype)).astype(ref.dtype)
 
     return jax.tree.map(update, ref_params, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Critic-free policy optimisation: GRPO, Dr.GRPO, RLOO, REINFORCE++, DAPO, GSPO
+# ----------------------------------------------------------------------------------------------
+def _grouped(rewards: jax.Array, group_size: int, name: str) -> jax.Array:
+    """``rewards [N]`` as float ``[N / group_size, group_size]`` after checking the shapes."""
+    r = _up(rewards)
+    if r.ndim != 1:
+        raise ValueError(f"{name}: rewards must be [N], got shape {r.shape}")
+    try:
+        g = operator.index(group_size)
+    except TypeError as e:
+        raise ValueError(f"{name}: group_size must be a static Python int, got {group_size!r}") from e
+    if g < 2:
+        raise ValueError(f"{name}: group_size must be >= 2 (a group needs a baseline), got {g}")
+    if r.shape[0] % g:
+        raise ValueError(f"{name}: N={r.shape[0]} rewards do not split into groups of group_size={g}")
+    return r.reshape(-1, g)
+
+
+def group_reward_stats(rewards: jax.Array, group_size: int) -> dict[str, jax.Array]:
+    r"""Per-group mean, unbiased standard deviation and all-equal flag of grouped rewards.
+
+    .. math::
+        \mu_g = \frac{1}{G} \sum_{j \in g} r_j, \qquad
+        \sigma_g = \sqrt{\frac{1}{G - 1} \sum_{j \in g} (r_j - \mu_g)^2}
+
+    ``rewards`` holds ``N / G`` groups of ``G = group_size`` contiguous samples (the samples of one
+    prompt). A group whose rewards are all equal gets exactly ``μ_g = r`` and ``σ_g = 0``. The
+    deviations are rescaled by their maximum before squaring, so ``σ_g`` does not overflow for
+    rewards up to the float32 range. ``group_size`` is static (a Python int).
+
+    Args:
+      rewards: ``[N]`` scalar rewards, ``N = prompts × group_size``.
+      group_size: samples per prompt ``G >= 2``.
+
+    Returns:
+      ``{"mean": [N/G], "std": [N/G], "all_equal": [N/G] bool}`` (float32 statistics); the
+      fraction of all-equal groups is ``all_equal.mean()``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> s = losses.group_reward_stats(jnp.array([0.0, 1.0, 1.0, 1.0]), group_size=2)
+      >>> print(s["mean"], np.asarray(s["std"]).round(4), s["all_equal"])
+      [0.5 1. ] [0.7071 0.    ] [False  True]
+
+    References:
+      Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
+      Language Models" (group statistics of GRPO).
+    """
+    r = _grouped(rewards, group_size, "group_reward_stats")  # [P, G]
+    all_equal = jnp.max(r, axis=-1) == jnp.min(r, axis=-1)  # [P]
+    mean = jnp.where(all_equal, r[:, 0], jnp.mean(r, axis=-1))  # exact for a tied group
+    dev = r - mean[:, None]
+    scale = jnp.max(jnp.abs(dev), axis=-1)  # [P]
+    safe = jnp.where(scale > 0, scale, 1)
+    ss = jnp.sum(jnp.square(dev / safe[:, None]), axis=-1)  # in [1, G] unless tied
+    std = scale * jnp.sqrt(jnp.where(all_equal, 1, ss) / (group_size - 1))
+    return {"mean": mean, "std": jnp.where(all_equal, 0, std), "all_equal": all_equal}
+
+
+def group_advantages(
+    rewards: jax.Array, group_size: int, method: str = "grpo", eps: float = 1e-6
+) -> jax.Array:
+    r"""Critic-free advantages: each sample's reward against the other samples of its prompt.
+
+    With ``G = group_size`` samples per prompt, group mean ``μ_g`` and unbiased (``ddof=1``)
+    standard deviation ``σ_g`` (:func:`group_reward_stats`):
+
+    .. math::
+        \text{grpo:}\; A_i = \frac{r_i - \mu_g}{\sigma_g + \epsilon}, \qquad
+        \text{dr\_grpo:}\; A_i = r_i - \mu_g, \qquad
+        \text{rloo:}\; A_i = r_i - \frac{1}{G - 1} \sum_{j \in g, j \ne i} r_j
+        = \frac{G}{G - 1} (r_i - \mu_g)
+
+    A group whose rewards are all equal gets advantage exactly 0 (it carries no signal; the
+    fraction of such groups is worth logging, and they may be filtered). ``σ_g`` with ``ddof=1``
+    is what TRL and verl use. The advantage is per sequence; broadcast it over the sequence's
+    tokens (:func:`clipped_policy_loss` accepts ``[B]``). Jittable with ``group_size`` and
+    ``method`` static: ``jax.jit(group_advantages, static_argnames=("group_size", "method"))``.
+    Under ``jit`` on a sharded ``rewards`` the statistics are those of the global array.
+
+    Args:
+      rewards: ``[N]`` scalar rewards, ``N = prompts × group_size``, each prompt's samples
+        contiguous (``rewards.reshape(prompts, group_size)``).
+      group_size: samples per prompt ``G >= 2`` (a static Python int).
+      method: ``"grpo"``, ``"dr_grpo"`` or ``"rloo"``.
+      eps: added to ``σ_g`` (``grpo`` only).
+
+    Returns:
+      ``[N]`` float32 advantages.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> r = jnp.array([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])  # the second group is tied
+      >>> for method in ("grpo", "dr_grpo", "rloo"):
+      ...     print(method, np.asarray(losses.group_advantages(r, 3, method)).round(4))
+      grpo [ 1.1547 -0.5773 -0.5773  0.      0.      0.    ]
+      dr_grpo [ 0.6667 -0.3333 -0.3333  0.      0.      0.    ]
+      rloo [ 1.  -0.5 -0.5  0.   0.   0. ]
+
+    References:
+      Shao et al. 2024, "DeepSeekMath" (GRPO); Liu et al. 2025, "Understanding R1-Zero-Like
+      Training: A Critical Perspective" (Dr.GRPO); Ahmadian et al. 2024, "Back to Basics:
+      Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs" (RLOO).
+    """
+    if method not in GROUP_ADVANTAGE_METHODS:
+        raise ValueError(f"group_advantages: method must be one of {GROUP_ADVANTAGE_METHODS}, got {method!r}")
+    stats = group_reward_stats(rewards, group_size)
+    r = _grouped(rewards, group_size, "group_advantages")  # [P, G]
+    dev = r - stats["mean"][:, None]  # exactly 0 in a tied group
+    if method == "grpo":  # a tied group divides its zeros by 1, not by eps (which may be 0)
+        adv = dev / jnp.where(stats["all_equal"], 1, stats["std"] + eps)[:, None]
+    elif method == "dr_grpo":
+        adv = dev
+    else:  # rloo, through the mean: no cancellation in sum_g - r_i
+        adv = dev * (group_size / (group_size - 1))
+    return adv.reshape(-1)
+
+
+def reinforce_pp_returns(token_rewards: jax.Array, mask: jax.Array, gamma: float = 1.0) -> jax.Array:
+    r"""REINFORCE++ reward-to-go over the valid tokens of each row.
+
+    .. math::
+        G_t = r_t + \gamma\, G_{next(t)}, \qquad A = \mathrm{whiten}(G)
+
+    ``next(t)`` is the next *valid* token of the row (masked slots in between are skipped, as in
+    :func:`gae`); ``G = 0`` after the row's last valid token. One reverse ``lax.scan`` over time.
+    REINFORCE++'s per-token reward is the sequence score on the last response token minus the
+    per-token KL penalty ``β · kl_penalty(old_logprobs, ref_logprobs)``, and its advantages are the
+    returns whitened over the **global** rollout batch: ``masked_whiten(returns, mask)`` on the
+    whole (sharded) batch, before it is split into minibatches or micro-batches. (This equals
+    :func:`gae` with values 0 and ``λ = 1``.) Returns are 0 where the mask is 0, and masked slots of
+    ``token_rewards`` may hold anything.
+
+    Args:
+      token_rewards: ``[B, T]`` per-token rewards.
+      mask: ``[B, T]`` 1 on the valid response tokens, 0 on prompt and padding.
+      gamma: discount ``γ`` (1 in the paper).
+
+    Returns:
+      ``[B, T]`` float32 returns.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> r = jnp.array([[9.0, -0.1, -0.1, 1.0, 9.0]])
+      >>> m = jnp.array([[0, 1, 1, 1, 0]])  # one prompt token, one padding token
+      >>> print(np.asarray(losses.reinforce_pp_returns(r, m)).round(4))
+      [[0.  0.8 0.9 1.  0. ]]
+
+    References:
+      Hu et al. 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language
+      Models".
+    """
+    dtype = _compute_dtype(token_rewards)
+    r = _up(token_rewards, dtype)
+    if jnp.shape(mask) != r.shape:
+        raise ValueError(f"reinforce_pp_returns: token_rewards {r.shape} and mask {jnp.shape(mask)} differ")
+    valid = jnp.asarray(mask) != 0
+    r = jnp.where(valid, r, 0)
+    gamma = jnp.asarray(gamma, dtype)
+
+    def step(next_return, xs):
+        r_t, valid_t = xs
+        ret = r_t + gamma * next_return
+        return jnp.where(valid_t, ret, next_return), jnp.where(valid_t, ret, 0)
+
+    time_major = lambda x: jnp.moveaxis(x, -1, 0)
+    zeros = jnp.zeros(r.shape[:-1], dtype)
+    _, ret = jax.lax.scan(step, zeros, (time_major(r), time_major(valid)), reverse=True)
+    return jnp.moveaxis(ret, 0, -1)
+
+
+def clipped_policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float | None = None,
+    ratio_level: str = "token",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Clipped surrogate policy loss per token with asymmetric clipping and token or sequence ratios.
+
+    .. math::
+        \ell_t = \max\left(-A_t \rho_t,\; -A_t\, \mathrm{clip}(\rho_t, 1 - \epsilon_{low},
+        1 + \epsilon_{high})\right)
+
+    ``ratio_level="token"`` (PPO, GRPO, DAPO): ``ρ_t = π(y_t) / π_old(y_t)``.
+    ``ratio_level="sequence"`` (GSPO): every token of sequence ``i`` uses the length-normalised
+    sequence ratio
+
+    .. math::
+        s_i = \exp\Big(\frac{1}{|y_i|} \sum_{t \in y_i} \log\pi(y_t) - \log\pi_{old}(y_t)\Big),
+        \qquad \rho_{i,t} = \mathrm{sg}[s_i] \cdot \frac{\pi(y_t)}{\mathrm{sg}[\pi(y_t)]}
+
+    whose value is ``s_i`` (so clipping acts on ``s_i``) and whose gradient is ``s_i ∇ log π(y_t)``
+    (GSPO-token, eq. 13-14 of the paper). With a per-sequence advantage (``[B]``), the sum over a
+    sequence's tokens of this loss has exactly the value and gradient of ``|y_i|`` times GSPO's
+    sequence term ``max(-A_i s_i, -A_i clip(s_i))`` (whose gradient flows through every token's
+    log-probability via ``s_i``), so ``seq_mean`` aggregation is GSPO's objective, for any
+    aggregation mode the gradient is the one of the matching sequence-level objective, and
+    per-token advantages are also allowed. ``clip_eps_high > clip_eps_low`` is DAPO's
+    clip-higher; GSPO uses small ranges (e.g. ``3e-4`` / ``4e-4``).
+
+    Masked slots are selected away first (loss 0, ratio 1, never clipped, no gradient), so they
+    may hold garbage. No ratio is clamped: log-ratios above ~88 overflow float32, as in
+    :func:`ppo_policy_loss`, to which the token level with ``clip_eps_high=None`` is equal on
+    valid tokens.
+
+    Args:
+      logprobs: ``[B, T]`` log-probabilities under the current policy (differentiated).
+      old_logprobs: ``[B, T]`` log-probabilities under the policy that sampled the tokens.
+      advantages: ``[B, T]`` per-token advantages (e.g. whitened REINFORCE++ returns) or ``[B]``
+        per-sequence advantages (e.g. :func:`group_advantages`) broadcast over the tokens;
+        treated as constants.
+      mask: ``[B, T]`` 1 on the response tokens, 0 elsewhere (also the weights of the sequence
+        mean of the log-ratio).
+      clip_eps_low: ``ε_low``: the ratio is clipped below at ``1 - ε_low``.
+      clip_eps_high: ``ε_high``: the ratio is clipped above at ``1 + ε_high``; ``None`` is
+        ``ε_low`` (symmetric PPO clipping).
+      ratio_level: ``"token"`` or ``"sequence"``.
+
+    Returns:
+      ``(per_token_loss, diagnostics)``: ``per_token_loss [B, T]`` float32 (0 where masked;
+      reduce with :func:`aggregate_loss`) and a dict of ``[B, T]`` arrays without gradient:
+      ``"ratio"`` (``ρ``, i.e. ``s_i`` on every token of a sequence at the sequence level),
+      ``"clipped_low"`` (``ρ < 1 - ε_low`` and ``A < 0``) and ``"clipped_high"`` (``ρ > 1 + ε_high``
+      and ``A > 0``), the booleans marking where the clip is active (the token gets no gradient),
+      as TRL logs them; their clip fractions are ``aggregate_loss(d["clipped_low"], mask)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> lp, old = jnp.log(jnp.array([[1.5, 0.5, 0.5]])), jnp.zeros((1, 3))
+      >>> m = jnp.ones((1, 3))
+      >>> loss, d = losses.clipped_policy_loss(lp, old, jnp.array([[1.0, 1.0, -1.0]]), m, clip_eps_high=0.28)
+      >>> print(np.asarray(loss).round(4), d["clipped_high"], d["clipped_low"])
+      [[-1.28 -0.5   0.8 ]] [[ True False False]] [[False False  True]]
+      >>> # GSPO: s = exp(mean(log [1.5, 0.5, 0.5])) = 0.7211, clipped to 0.8 for A = -1
+      >>> loss, d = losses.clipped_policy_loss(lp, old, jnp.array([-1.0]), m, ratio_level="sequence")
+      >>> print(np.asarray(d["ratio"]).round(4), np.asarray(loss).round(4))
+      [[0.7211 0.7211 0.7211]] [[0.8 0.8 0.8]]
+
+    References:
+      Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Yu et al. 2025, "DAPO: An
+      Open-Source LLM Reinforcement Learning System at Scale" (clip-higher); Zheng et al. 2025,
+      "Group Sequence Policy Optimization" (the sequence ratio).
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(
+            f"clipped_policy_loss: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}"
+        )
+    low = clip_eps_low
+    high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    if not (0 <= low < 1 and high >= 0):
+        raise ValueError(
+            f"clipped_policy_loss: need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {low}, {high}"
+        )
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    lp, old, adv = _up(logprobs, dtype), _up(old_logprobs, dtype), _up(advantages, dtype)
+    if lp.ndim != 2 or old.shape != lp.shape or jnp.shape(mask) != lp.shape:
+        raise ValueError(
+            "clipped_policy_loss: logprobs, old_logprobs and mask must share one [B, T] shape; got "
+            f"{lp.shape}, {old.shape}, {jnp.shape(mask)}"
+        )
+    if adv.shape == lp.shape[:1]:
+        adv = jnp.broadcast_to(adv[:, None], lp.shape)
+    elif adv.shape != lp.shape:
+        raise ValueError(
+            f"clipped_policy_loss: advantages must be [B] or [B, T] = {lp.shape}, got {adv.shape}"
+        )
+    valid = jnp.asarray(mask) != 0
+    lp, old, adv = (jnp.where(valid, x, 0) for x in (lp, old, adv))
+    log_ratio = lp - old  # [B, T], 0 where masked
+    if ratio_level == "sequence":
+        seq_log_ratio = masked_mean(log_ratio, mask, axis=-1)  # [B]
+        log_ratio = jax.lax.stop_gradient(seq_log_ratio)[:, None] + (lp - jax.lax.stop_gradient(lp))
+        log_ratio = jnp.where(valid, log_ratio, 0)
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - low, 1.0 + high)
+    loss = jnp.where(valid, jnp.maximum(-adv * ratio, -adv * clipped), 0)
+    ratio = jax.lax.stop_gradient(ratio)
+    diagnostics = {
+        "ratio": ratio,
+        "clipped_low": valid & (ratio < 1.0 - low) & (adv < 0),
+        "clipped_high": valid & (ratio > 1.0 + high) & (adv > 0),
+    }
+    return loss, diagnostics

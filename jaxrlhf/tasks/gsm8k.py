@@ -142,8 +142,8 @@ def extract_answer(response: str) -> Fraction | None:
 
 
 def reference_answer(row: dict) -> Fraction:
-    """The reference answer of a row: ``row["answer"]``, a number or a GSM8K solution ending in
-    ``#### N``.
+    """The reference answer of a row: ``row["answer"]`` is a number (``"1,600"``) or a worked
+    solution, read like a response (``#### N`` in GSM8K's files, ``A: N`` in its model solutions).
 
     Raises:
       ValueError: naming the row's question when it has no ``answer`` or no number in it.
@@ -151,8 +151,7 @@ def reference_answer(row: dict) -> Fraction:
     if "answer" not in row:
         raise ValueError(f"gsm8k row lacks 'answer' (keys: {sorted(row)})")
     text = str(row["answer"])
-    m = list(_HASH_RE.finditer(text))
-    value = parse_number(m[-1].group("body") if m else text)
+    value = extract_answer(text)
     if value is None:
         raise ValueError(f"gsm8k row has no numeric answer: {text!r} (question {row.get('question')!r})")
     return value

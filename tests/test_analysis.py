@@ -26,22 +26,33 @@ from jaxrlhf.analysis import __main__ as cli
 from jaxrlhf.analysis import activations, divergence, heads, inputs, trees
 from jaxrlhf.sharding import path_str
 from jaxrlhf.tasks import reviews
+from jaxrlhf.tasks import tokenizer as task_tokenizer
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-TOK = reviews.tokenizer_path()
+TOK = task_tokenizer.tokenizer_path()
 
 
-def jit_init(family, seed=0, **kw) -> M.Transformer:
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: M.init(family, seed=seed, **kw)))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(M.init(family, seed=seed, **kw))[1])())
+def np_init(family, seed=0, **kw) -> M.Transformer:
+    """A ``family`` model with numpy-random parameters (norm scales near 1): no XLA compile."""
+    abstract = nnx.eval_shape(lambda: M.init(family, **kw))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        z = rng.normal(size=x.shape).astype(np.float32)
+        return jnp.asarray(1.0 + 0.1 * z if path_str(path).endswith("scale") else 0.05 * z)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
 def perturbed(model: M.Transformer, seed: int, scale: float = 0.05) -> M.Transformer:
+    """``model`` with ``scale * normal`` numpy noise added to every parameter."""
     graphdef, params = nnx.split(model)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
+    rng = np.random.default_rng(seed)
+    noisy = jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.normal(size=x.shape).astype(x.dtype)), params
+    )
+    return nnx.merge(graphdef, noisy)
 
 
 def with_params(model: M.Transformer, edit) -> M.Transformer:
@@ -103,7 +114,7 @@ def _zero_head_rows(layer: int, head: int, head_dim: int):
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
 def test_head_mask_equals_zeroed_o_proj_input_rows(family):
-    model = jit_init(family, seed=1, remat=family == "llama")
+    model = np_init(family, seed=1, remat=family == "llama")
     c = model.config
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 9)), jnp.int32)
@@ -185,7 +196,7 @@ def saved_pair(tmp_path_factory):
     """A tiny GPT-2 (biases, tied embeddings) saved as the base, and a copy with known edits saved
     sharded (index file): one bias + 0.1, one weight x 2, one norm scale set to 3, one weight noised."""
     root = tmp_path_factory.mktemp("div")
-    base = jit_init("gpt2", seed=0, vocab_size=482)
+    base = np_init("gpt2", seed=0, vocab_size=482)
     d = base.config.head_dim
 
     def edit(flat):
@@ -227,7 +238,8 @@ def test_divergence_dirs_equals_numpy_on_safetensors(saved_pair, tmp_path):
     assert got["tensors"]["transformer.h.0.attn.c_proj.bias"] == pytest.approx(0.01, rel=1e-5)
     w = np.asarray(base.layers[1].mlp.up_proj.kernel.value, np.float64)
     assert got["tensors"]["transformer.h.1.mlp.c_fc.weight"] == pytest.approx(np.mean(w**2), rel=1e-6)
-    assert got["tensors"]["transformer.h.1.ln_2.weight"] == pytest.approx(4.0, rel=1e-6)  # (3 - 1)^2
+    s = np.asarray(base.layers[1].post_attn_norm.scale.value, np.float64)
+    assert got["tensors"]["transformer.h.1.ln_2.weight"] == pytest.approx(np.mean((3.0 - s) ** 2), rel=1e-6)
     assert got["tensors"]["transformer.h.0.attn.c_attn.weight"] > 0  # fused q|k|v: k part noised
     untouched = [k for k in want if k.startswith("transformer.h.1.attn.")]
     assert untouched and all(got["tensors"][k] == 0.0 for k in untouched)
@@ -306,7 +318,7 @@ def _np_lens(model: M.Transformer, h: np.ndarray) -> np.ndarray:
 
 
 def test_activation_divergence_equals_numpy_per_example(tmp_path):
-    base = jit_init("gpt2", seed=0, vocab_size=482)
+    base = np_init("gpt2", seed=0, vocab_size=482)
     model = perturbed(base, 5, scale=0.02)
     M.save_pretrained(base, str(tmp_path / "base"))
     M.save_pretrained(model, str(tmp_path / "model"))
@@ -321,41 +333,48 @@ def test_activation_divergence_equals_numpy_per_example(tmp_path):
         f"--base={tmp_path / 'base'}",
         "--model",
         str(tmp_path / "model"),
-        f"--data={data}",
+        str(tmp_path / "base"),
     ]
-    argv += [f"--tokenizer={TOK}", "--label=label", "--batch_size=4", "--labels=m", f"--out={out_json}"]
-    assert cli.main(argv) == 0
-    got = read_json(out_json)["models"]["m"]
+    argv += [f"--data={data}", f"--tokenizer={TOK}", "--label=label", "--batch_size=4", "--labels=m,same"]
+    assert cli.main(argv + [f"--out={out_json}"]) == 0
+    result = read_json(out_json)
+    got = result["models"]["m"]
+    same = result["models"]["same"]["groups"]["all"]  # the base against itself
+    np.testing.assert_allclose(same["cosine"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(same["kl"], 0.0, atol=1e-6)
 
-    # reference: each prompt alone (no padding), hidden states from the model, the rest in numpy
+    # reference: each prompt alone, right-padded to one width (causal: the real positions do not
+    # see the padding), hidden states from the model, the lens and the statistics in numpy
     from jaxrlhf import data as data_lib
 
     tok = data_lib.load_tokenizer(TOK)
-    fwd = {}
+    gd = nnx.split(base)[0]
+    fwd = jax.jit(lambda p, x, m: nnx.merge(gd, p)(x, m, return_hidden=True))
+    width = 8
     sums = {g: {"cos": 0.0, "kl": 0.0, "n": 0} for g in ("all", "neg", "pos")}
     for r in rows:
-        ids = jnp.asarray([tok(r["prompt"]).input_ids], jnp.int32)
+        ids = tok(r["prompt"]).input_ids
+        n = len(ids)
+        x = jnp.asarray([ids + [0] * (width - n)], jnp.int32)
+        mask = jnp.asarray([[1] * n + [0] * (width - n)], jnp.int32)
         per = []
         for m in (model, base):
-            key = (id(m), ids.shape)
-            if key not in fwd:
-                gd = nnx.split(m)[0]
-                fwd[key] = jax.jit(lambda p, x, gd=gd: nnx.merge(gd, p)(x, return_hidden=True))
-            out, hid = fwd[key](nnx.split(m)[1], ids)
-            hid = [np.asarray(h[0], np.float64) for h in hid]  # [T, E] each
-            np.testing.assert_allclose(
-                _np_lens(m, hid[-1]), np.asarray(out[0]), atol=1e-4
-            )  # lens(L) = logits
+            out, hid = fwd(nnx.split(m)[1], x, mask)
+            hid = [np.asarray(h[0, :n], np.float64) for h in hid]  # [n, E] each
+            np.testing.assert_allclose(_np_lens(m, hid[-1]), np.asarray(out[0, :n]), atol=1e-4)  # lens(L)
             per.append(hid)
-        for l, (a, b) in enumerate(zip(*per, strict=True)):
-            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        cos = [
+            (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+            for a, b in zip(*per, strict=True)
+        ]
+        kl = []
+        for a, b in zip(*per, strict=True):
             la, lb = np_softmax_log(_np_lens(model, a)), np_softmax_log(_np_lens(base, b))
-            kl = (np.exp(la) * (la - lb)).sum(-1)
-            for g in ("all", r["label"]):
-                sums[g]["cos"] = sums[g]["cos"] + np.eye(len(per[0]))[l] * cos.sum()
-                sums[g]["kl"] = sums[g]["kl"] + np.eye(len(per[0]))[l] * kl.sum()
+            kl.append((np.exp(la) * (la - lb)).sum(-1))
         for g in ("all", r["label"]):
-            sums[g]["n"] += ids.shape[1]
+            sums[g]["cos"] = sums[g]["cos"] + np.asarray([c.sum() for c in cos])
+            sums[g]["kl"] = sums[g]["kl"] + np.asarray([k.sum() for k in kl])
+            sums[g]["n"] += n
     assert got["layers"] == base.config.num_layers + 1
     assert set(got["groups"]) == {"all", "neg", "pos"}
     for g, s in sums.items():
@@ -366,8 +385,8 @@ def test_activation_divergence_equals_numpy_per_example(tmp_path):
     assert os.path.getsize(str(tmp_path / "act.png")) > 0
 
 
-def test_activation_divergence_of_a_model_with_itself_and_response_tokens(tmp_path):
-    base = jit_init("gpt_neox", seed=0, vocab_size=482)
+def test_activation_divergence_response_tokens_of_sft_rows(tmp_path):
+    base = np_init("gpt_neox", seed=0, vocab_size=482, num_layers=1)
     gp = nnx.split(base)
     tok_rows = [
         {"prompt": p, "completion": " the movie was good ."} for p in reviews.review_prompts(5, seed=1)
@@ -414,61 +433,69 @@ def test_tree_inner_products():
 
 
 # --------------------------------------------------------------------------------------- heads
-def test_head_ablation_loss_and_reward_against_independent_references(tmp_path):
+def test_heads_cli_loss_and_reward_against_independent_references(tmp_path):
+    """Two models through the CLI; the first one's every ablation checked against its weights
+    zeroed in numpy: numpy NLL of the response tokens of each example, and greedy decoding by
+    full forwards (no KV cache) scored by the same reward."""
     from jaxrlhf import data as data_lib
-    from jaxrlhf import generation
 
-    model = jit_init("gpt_neox", seed=2, vocab_size=482, num_heads=2, num_kv_heads=2, head_dim=32)
+    model = np_init("gpt_neox", seed=2, vocab_size=482, num_heads=2, num_kv_heads=2, head_dim=32)
+    M.save_pretrained(model, str(tmp_path / "m0"))
+    M.save_pretrained(
+        np_init("gpt_neox", seed=3, vocab_size=482, num_heads=2, num_kv_heads=2, head_dim=32),
+        str(tmp_path / "m1"),
+    )
     c = model.config
-    graphdef, params = nnx.split(model)
     tok = data_lib.load_tokenizer(TOK)
-    sft = _write_jsonl(
-        tmp_path / "sft.jsonl",
-        [{"prompt": p, "completion": " it was good ."} for p in reviews.review_prompts(3, seed=2)],
-    )
-    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in reviews.review_prompts(3, seed=4)])
-    ex = inputs.load_examples(inputs.data_config(sft), tok)
-    pds = inputs.load_examples(inputs.data_config(prompts), tok, kind="prompt").dataset
+    sft_rows = [{"prompt": p, "completion": " it was good ."} for p in reviews.review_prompts(3, seed=2)]
+    prompt_rows = [{"prompt": p} for p in reviews.review_prompts(3, seed=4)]
+    sft = _write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    prompts = _write_jsonl(tmp_path / "p.jsonl", prompt_rows)
     n_new = 3
-    sampler = generation.make_sampler(
-        graphdef, max_new_tokens=n_new, pad_id=tok.pad_token_id, eos_ids=inputs.eos_ids(tok), greedy=True
-    )
-    res = heads.head_ablation(
-        graphdef, params,
-        seq_batches=list(inputs.sequence_batches(ex.dataset, 2)),
-        prompt_batches=list(inputs.prompt_batches(pds, 2)),
-        sampler=sampler,
-        reward=inputs.make_reward(tok, pds, fn="jaxrlhf.tasks.reviews:reward"),
-    )  # fmt: skip
+    out_json = str(tmp_path / "heads.json")
+    argv = ["heads", "--model", str(tmp_path / "m0"), str(tmp_path / "m1"), "--labels=a,b", f"--data={sft}"]
+    argv += [f"--prompts={prompts}", f"--tokenizer={TOK}", "--reward_fn=jaxrlhf.tasks.reviews:reward"]
+    argv += [f"--max_new_tokens={n_new}", "--greedy", "--batch_size=2", f"--out={out_json}"]
+    assert cli.main(argv) == 0
+    got = read_json(out_json)
+    assert set(got["models"]) == {"a", "b"} and len(got["models"]["b"]["rank_by_loss"]) == 4
+    assert os.path.getsize(str(tmp_path / "heads.png")) > 0
+    res = got["models"]["a"]
 
+    graphdef = nnx.split(model)[0]
+    width = 16
     plain = jax.jit(lambda p, x, m: nnx.merge(graphdef, p)(x, m))
 
-    def np_loss(p):  # each example alone; NLL of the response tokens in numpy
+    def logits_of(p, ids):  # right-padded to one width: one compile, real positions unaffected
+        x = jnp.asarray([ids + [0] * (width - len(ids))], jnp.int32)
+        m = jnp.asarray([[1] * len(ids) + [0] * (width - len(ids))], jnp.int32)
+        return np.asarray(plain(p, x, m))[0, : len(ids)].astype(np.float64)
+
+    def np_loss(p):
         total, n = 0.0, 0
-        for i in range(len(ex.dataset)):
-            ids = ex.dataset.ids[i]
-            logits = np.asarray(plain(p, jnp.asarray(ids[None]), jnp.ones((1, len(ids)), jnp.int32)))[0]
-            logp = np_softmax_log(logits.astype(np.float64))
-            for t in range(ex.dataset.prompt_lens[i], len(ids)):
+        for r in sft_rows:
+            prompt = tok(r["prompt"]).input_ids
+            ids = prompt + tok(r["completion"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            logp = np_softmax_log(logits_of(p, ids))
+            for t in range(len(prompt), len(ids)):
                 total -= logp[t - 1, ids[t]]
                 n += 1
         return total / n
 
-    def np_reward(p):  # greedy decoding by full forwards of the whole left-padded batch
+    def np_reward(p):
         texts_p, texts_r = [], []
-        for i in range(len(pds)):
-            seq = list(pds.prompt_ids[i])
+        for r in prompt_rows:
+            seq = tok(r["prompt"]).input_ids
             p_len = len(seq)
             for _ in range(n_new):
-                x = jnp.asarray([seq], jnp.int32)
-                nxt = int(np.argmax(np.asarray(plain(p, x, jnp.ones_like(x)))[0, -1]))
-                seq.append(nxt)
-                if nxt == tok.eos_token_id:
+                seq.append(int(np.argmax(logits_of(p, seq)[-1])))
+                if seq[-1] == tok.eos_token_id:
                     break
             texts_p.append(tok.decode(seq[:p_len], skip_special_tokens=True))
             texts_r.append(tok.decode(seq[p_len:], skip_special_tokens=True))
         return float(np.mean(reviews.reward(texts_p, texts_r)))
 
+    params = nnx.split(model)[1]
     assert res["base"]["loss"] == pytest.approx(np_loss(params), rel=1e-5)
     assert res["base"]["reward"] == pytest.approx(np_reward(params), rel=1e-6)
     for layer in range(c.num_layers):
@@ -483,23 +510,3 @@ def test_head_ablation_loss_and_reward_against_independent_references(tmp_path):
     assert ranked == sorted(ranked, reverse=True) and len(ranked) == c.num_layers * c.num_heads
     ranked = [r["delta"] for r in res["rank_by_reward"]]
     assert ranked == sorted(ranked)
-
-
-def test_heads_cli_several_models_writes_json_and_png(tmp_path):
-    for seed in (0, 1):
-        M.save_pretrained(
-            jit_init("gpt2", seed=seed, vocab_size=482, num_layers=1), str(tmp_path / f"m{seed}")
-        )
-    sft = _write_jsonl(
-        tmp_path / "sft.jsonl", [{"prompt": p, "completion": " bad ."} for p in reviews.review_prompts(3)]
-    )
-    out_json = str(tmp_path / "heads.json")
-    argv = ["heads", "--model", str(tmp_path / "m0"), str(tmp_path / "m1"), "--labels=a,b", f"--data={sft}"]
-    argv += [f"--tokenizer={TOK}", "--reward_fn=jaxrlhf.tasks.reviews:reward", "--max_new_tokens=2"]
-    assert cli.main(argv + [f"--out={out_json}"]) == 0
-    got = read_json(out_json)
-    assert set(got["models"]) == {"a", "b"}
-    for r in got["models"].values():
-        assert r["num_layers"] == 1 and len(r["delta_loss"][0]) == 4 and len(r["rank_by_reward"]) == 4
-        assert r["base"]["loss"] > 0 and 0 < r["base"]["reward"] < 1
-    assert os.path.getsize(str(tmp_path / "heads.png")) > 0

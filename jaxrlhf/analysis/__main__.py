@@ -140,19 +140,21 @@ def cmd_heads(args) -> dict[str, Any]:
     elif args.prompts:
         raise SystemExit("heads: --prompts needs --reward_fn or --reward_model")
     names = _labels(args, args.model)
-    out = {}
+    out, samplers = {}, {}
     for name, path in zip(names, args.model, strict=True):
         graphdef, params = inputs.load_model(path)
         sampler = None
         if reward is not None:
-            sampler = generation.make_sampler(
-                graphdef,
-                max_new_tokens=args.max_new_tokens,
-                pad_id=tok.pad_token_id,
-                eos_ids=inputs.eos_ids(tok),
-                temperature=args.temperature,
-                greedy=args.greedy,
-            )
+            if graphdef not in samplers:  # models of one architecture share one compiled sampler
+                samplers[graphdef] = generation.make_sampler(
+                    graphdef,
+                    max_new_tokens=args.max_new_tokens,
+                    pad_id=tok.pad_token_id,
+                    eos_ids=inputs.eos_ids(tok),
+                    temperature=args.temperature,
+                    greedy=args.greedy,
+                )
+            sampler = samplers[graphdef]
         res = heads.head_ablation(
             graphdef, params, seq_batches=seq_batches, prompt_batches=prompts, sampler=sampler,
             reward=reward, seed=args.seed,

@@ -66,6 +66,7 @@ def nll_sums(graphdef, params, seq: dict, head_mask) -> tuple[jax.Array, jax.Arr
 
 
 _NLL = jax.jit(nll_sums, static_argnums=0)
+_ABLATE = jax.jit(ablate_params, static_argnums=2)
 
 
 def dataset_loss(graphdef, params, batches: Sequence[tuple[dict, np.ndarray]], head_mask) -> float:
@@ -149,7 +150,7 @@ def head_ablation(
         if do_loss:
             loss[layer, head] = dataset_loss(graphdef, params, seq_batches, mask)
         if do_reward:
-            ablated = ablate_params(params, mask, cfg.head_dim)
+            ablated = _ABLATE(params, mask, cfg.head_dim)
             rew[layer, head] = mean_reward(sampler, ablated, prompt_batches, reward, seed)[0]
     out: dict[str, Any] = {"num_layers": n_l, "num_heads": n_h, "base": base}
     for name, arr, b, desc in (("loss", loss, base["loss"], True), ("reward", rew, base["reward"], False)):

@@ -256,6 +256,14 @@ def test_divergence_dirs_equals_numpy_on_safetensors(saved_pair, tmp_path):
         set(got["non_layer"]) >= {"weights_mean", "biases_mean"} and got["non_layer"]["biases_mean"] is None
     )
     assert os.path.getsize(str(tmp_path / "div.png")) > 0
+    # several models (the base against itself included: all zeros, still plotted)
+    argv = ["divergence", f"--base={base_dir}", "--model", model_dir, base_dir, "--labels=m,same"]
+    assert cli.main(argv + [f"--out={tmp_path / 'two.json'}"]) == 0
+    two = read_json(str(tmp_path / "two.json"))
+    assert two["models"]["m"]["tensors"] == got["tensors"]
+    assert set(two["models"]["same"]["tensors"].values()) == {0.0}
+    assert two["curve"]["x"] == ["m", "same"] and two["curve"]["biases_mean"] == [got["biases_mean"], 0.0]
+    assert os.path.getsize(str(tmp_path / "two.png")) > 0
 
 
 def test_divergence_of_run_checkpoints_equals_numpy_on_exports(saved_pair, tmp_path):

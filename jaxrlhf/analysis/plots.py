@@ -38,6 +38,13 @@ def _positive(values) -> np.ndarray:
     return np.where(v > 0, v, np.nan)
 
 
+def _log_y(ax) -> None:
+    """Log y axis when the axis holds some positive finite data (else it stays linear)."""
+    ys = [np.asarray(line.get_ydata(), np.float64) for line in ax.get_lines()]
+    if any(np.isfinite(y).any() for y in ys):
+        ax.set_yscale("log")
+
+
 def divergence_layers(results: dict[str, dict[str, Any]], out_path: str) -> str | None:
     """Per-layer mean tensor MSE (weights, biases, norms), one line per model; log y."""
     plt = pyplot(out_path)
@@ -50,7 +57,7 @@ def divergence_layers(results: dict[str, dict[str, Any]], out_path: str) -> str 
             y = _positive([res["layers"][i][f"{kind}_mean"] for i in layers])
             ax.plot([int(i) for i in layers], y, "o-", label=name)
     for ax, kind in zip(axes, ("weights", "biases", "norms"), strict=True):
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_title(f"{kind}: mean per-tensor MSE to base")
         ax.set_xlabel("layer")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -68,7 +75,7 @@ def divergence_curves(curves: dict[str, dict[str, Any]], out_path: str, xlabel: 
         for ax, key in zip(axes, ("weights_mean", "biases_mean"), strict=True):
             ax.plot(c["x"], _positive(c[key]), "o-", label=name)
     for ax, key in zip(axes, ("weights", "biases"), strict=True):
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_title(f"{key}: mean per-tensor MSE to base")
         ax.set_xlabel(xlabel)
     axes[0].legend(fontsize=7)

@@ -303,6 +303,12 @@ def test_divergence_of_run_checkpoints_equals_numpy_on_exports(saved_pair, tmp_p
         for k, v in want[step].items():
             assert point["tensors"][k] == pytest.approx(v, rel=1e-9), (step, k)
     assert got["weights_mean"][1] > got["weights_mean"][0] > 0
+    assert {p["params_key"] for p in got["points"]} == {"params"}  # not ref_params, not opt_state/mu
+    # an explicit subtree: the frozen reference (== the base) diverges by exactly 0
+    argv = ["divergence", f"--base={base_dir}", "--run", workdir, "--params_key=ref_params"]
+    assert cli.main(argv + [f"--out={tmp_path / 'ref.json'}"]) == 0
+    ref_curve = read_json(str(tmp_path / "ref.json"))["runs"][workdir]
+    assert ref_curve["weights_mean"] == [0.0, 0.0] and ref_curve["biases_mean"] == [0.0, 0.0]
     assert os.path.getsize(str(tmp_path / "runs.png")) > 0
 
 

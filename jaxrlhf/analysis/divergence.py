@@ -252,54 +252,64 @@ def run_checkpoints(workdir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def restore_params(state_dir: str, expected: Iterable[str], key: str | None = None) -> dict[str, np.ndarray]:
-    """The parameters ``expected`` (our ``/`` paths) from one orbax ``TrainState`` checkpoint.
-
-    Only the chosen subtree is read (orbax partial restore, as numpy). ``key`` is the subtree's
-    path in the saved state (e.g. ``"params"``, ``"params/actor"``); ``None`` picks the one
-    subtree, outside ``ref_params``/``opt_state``, whose leaves include every expected path.
-    """
+def _saved_names(state_dir: str) -> dict[str, Any]:
+    """``{path: array metadata}`` of every leaf of an orbax ``TrainState`` checkpoint (no data read)."""
     import jax
     import orbax.checkpoint as ocp
 
     from jaxrlhf.sharding import path_str
 
-    expected = list(expected)
-    ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(state_dir).item_metadata.tree
-    names = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    return {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def find_params_key(state_dir: str, expected: list[str], key: str | None = None) -> str:
+    """The subtree of a saved ``TrainState`` that holds the parameters ``expected`` (our paths).
+
+    ``key`` (e.g. ``"params"``, ``"params/actor"``) is checked; ``None`` picks the one subtree
+    outside ``ref_params`` / ``opt_state`` holding every expected path (several or none: an error
+    listing the candidates, so the caller can pass ``key``).
+    """
+    names = _saved_names(state_dir)
     if key is None:
+        tail = "/" + expected[0]
+        cands = {n[: -len(tail)] for n in names if n.endswith(tail)}
         cands = sorted(
-            {
-                n[: -len(expected[0])].rstrip("/")
-                for n in names
-                if n.endswith("/" + expected[0]) and not n.startswith(("ref_params", "opt_state"))
-            }
+            c
+            for c in cands
+            if not c.startswith(("ref_params", "opt_state")) and all(f"{c}/{e}" in names for e in expected)
         )
-        cands = [c for c in cands if all(f"{c}/{e}" in names for e in expected)]
         if len(cands) != 1:
             raise ValueError(
-                f"{state_dir}: cannot pick the model's parameters among subtrees {cands}; pass the key"
+                f"{state_dir}: {len(cands)} subtrees hold the model's parameters {cands}; pass the key"
             )
-        key = cands[0]
+        return cands[0]
     missing = [e for e in expected if f"{key}/{e}" not in names]
     if missing:
-        raise ValueError(f"{state_dir}: subtree {key!r} lacks parameters {missing[:5]} ({len(missing)})")
+        raise ValueError(
+            f"{state_dir}: subtree {key!r} lacks parameters {missing[:5]} ({len(missing)} missing)"
+        )
+    return key
 
-    def nest(paths):
-        root: dict = {}
-        for p in paths:
-            d = root
-            *parents, last = p.split("/")
-            for part in parents:
-                d = d.setdefault(part, {})
-            d[last] = names[p]
-        return root
 
-    wanted = nest([f"{key}/{e}" for e in expected])
+def restore_params(state_dir: str, expected: Iterable[str], key: str) -> dict[str, np.ndarray]:
+    """The parameters ``expected`` (our ``/`` paths) under ``key`` of one orbax ``TrainState``
+    checkpoint, as numpy; only those arrays are read (orbax partial restore)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    expected = list(expected)
+    names = _saved_names(state_dir)
+    wanted: dict = {}
+    for e in expected:
+        d = wanted
+        *parents, last = f"{key}/{e}".split("/")
+        for part in parents:
+            d = d.setdefault(part, {})
+        d[last] = names[f"{key}/{e}"]
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
     args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    restored = ckptr.restore(
+    restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
     )
     flat = flat_params(restored)
@@ -319,33 +329,36 @@ def base_params(base_dir: str, head: str | None = None) -> tuple[Any, dict[str, 
 
 def divergence_run(base_dir: str, workdir: str, *, key: str | None = None) -> list[dict[str, Any]]:
     """One ``divergence_params`` summary per checkpoint of a run (``{"step": s, ...}``), against
-    the HF directory ``base_dir`` the run started from (its architecture rebuilds the names).
+    the HF directory ``base_dir`` the run started from.
 
-    The base is loaded in float32; a checkpoint's float32 master params are compared as saved.
+    The architecture (and so the HF names) comes from ``base_dir``; a run's ``config.json`` is not
+    read. The base is tried as a causal LM, then with a scalar head (a reward-model run; from a
+    causal-LM base its ``score`` head is the fresh initialisation of ``from_pretrained``, seed 0,
+    not the run's). ``key``: the params subtree in the checkpoints (``find_params_key``).
     """
     steps = run_checkpoints(workdir)
-    _, first = steps[0]
-    import orbax.checkpoint as ocp
-
-    meta = ocp.PyTreeCheckpointer().metadata(first).item_metadata.tree
-    head = "scalar" if _has_score(meta) else None
-    cfg, base = base_params(base_dir, head)
+    errors = []
+    for head in (None, "scalar"):
+        cfg, base = base_params(base_dir, head)
+        try:
+            found = find_params_key(steps[0][1], list(base), key)
+            break
+        except ValueError as e:
+            errors.append(f"head={head}: {e}")
+    else:
+        raise ValueError(f"{workdir}: no checkpoint subtree matches {base_dir}: " + "; ".join(errors))
     out = []
     for step, state_dir in steps:
-        params = restore_params(state_dir, list(base), key)
-        out.append({"step": step, "checkpoint": state_dir, **divergence_params(base, params, cfg)})
+        params = restore_params(state_dir, list(base), found)
+        out.append(
+            {
+                "step": step,
+                "checkpoint": state_dir,
+                "params_key": found,
+                **divergence_params(base, params, cfg),
+            }
+        )
     return out
-
-
-def _has_score(meta: Any) -> bool:
-    import jax
-
-    from jaxrlhf.sharding import path_str
-
-    return any(
-        path_str(p).startswith("params") and path_str(p).endswith("score/kernel")
-        for p, _ in jax.tree_util.tree_flatten_with_path(meta)[0]
-    )
 
 
 CURVE_KEYS = ("weights_mean", "biases_mean", "norms_mean", "weights_pooled", "biases_pooled", "norms_pooled")

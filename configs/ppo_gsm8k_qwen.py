@@ -32,7 +32,7 @@ def get_config():
     c.model = d.model(MODEL)
     c.tokenizer = MODEL
     c.data = d.data(
-        path="/tmp/gsm8k/train.jsonl", schema="prompt", chat_template=True, max_prompt_length=320,
+        path="/tmp/gsm8k/train.jsonl", max_prompt_length=320,
         max_length=832, bucket=False,
     )  # fmt: skip
     c.critic = dict(model=d.model(MODEL), optim=d.optim(lr=5e-6, warmup_steps=0))

@@ -37,7 +37,7 @@ def get_config():
     c.model = d.model(MODEL)
     c.tokenizer = MODEL
     c.data = d.data(
-        path="/tmp/humaneval/prompts.jsonl", schema="prompt", chat_template=True, max_prompt_length=640,
+        path="/tmp/humaneval/prompts.jsonl", max_prompt_length=640,
         max_length=1152, bucket=False,
     )  # fmt: skip
     c.critic = dict(model=d.model(MODEL), optim=d.optim(lr=5e-6, warmup_steps=0))

@@ -126,19 +126,33 @@ def test_reward_contract_errors(humaneval, sb):
         code.CodeReward(sb)(["p"], ["r"], [{"prompt": "def f():\n", "entry_point": "f"}])
 
 
-def test_prompt_rows_keep_the_code_prompt(humaneval, tmp_path):
+def test_chat_prompt_rows_through_the_data_pipeline_with_qwen(humaneval, sb, tmp_path):
+    """CLI prompt file -> PromptDataset (real Qwen2.5 chat template) -> rows and decoded texts as
+    the trainer passes them (``dataset.row(i)``, ``decode(skip_special_tokens=True)``) -> reward."""
+    from jaxrlhf import data
+
+    tok_dir = REAL / "tokenizer_qwen2_5_instruct"
+    if not tok_dir.exists():
+        pytest.skip(f"Qwen2.5 tokenizer absent: {REAL} (../shared/real) absent")
+    tok = data.load_tokenizer(str(tok_dir))
     out = tmp_path / "p.jsonl"
     code.main(["prompts", "--input", str(REAL / "humaneval" / "HumanEval.jsonl.gz"), "--output", str(out),
                "--template", "chat"])  # fmt: skip
-    rows = code.load_rows(out)
-    assert len(rows) == 164
-    r, src = rows[0], humaneval[0]
-    assert r["prompt"][0]["role"] == "user" and src["prompt"].rstrip() in r["prompt"][0]["content"]
-    # The data pipeline replaces "prompt" with the rendered chat text; the program uses code_prompt.
-    rendered = {**r, "prompt": "<|im_start|>user ... <|im_start|>assistant\n"}
-    assert code.program(rendered, src["canonical_solution"]).startswith(
-        src["prompt"] + src["canonical_solution"]
-    )
+    cfg = data.default_data_config(path=str(out), max_prompt_length=1024, max_length=2048, max_samples=6)
+    ds = data.build_dataset(cfg, tok, "prompt")
+    rows = [ds.row(i) for i in range(len(ds))]
+    assert len(rows) == 6 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+    by_id = {r["task_id"]: r for r in humaneval}
+    responses = []
+    for i, r in enumerate(rows):
+        src = by_id[r["task_id"]]
+        answer = f"```python\n{src['prompt']}{src['canonical_solution']}```<|im_end|>"
+        if i % 2:  # every other response is wrong
+            answer = f"```python\n{src['prompt']}    return None\n```<|im_end|>"
+        ids = tok(answer, add_special_tokens=False)["input_ids"]
+        responses.append(tok.decode(ids, skip_special_tokens=True))
+    prompts = [tok.decode(ds.prompt_ids[i], skip_special_tokens=True) for i in range(len(ds))]
+    np.testing.assert_array_equal(code.CodeReward(sb)(prompts, responses, rows), [1.0, 0.0] * 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
+import marshal
 import math
 import os
 import random
@@ -90,16 +90,20 @@ _TOKEN_BYTES = 16
 # ---------------------------------------------------------------------------------------------
 
 _LAUNCHER = r"""
-import ctypes, json, os, resource, signal, sys, threading
+import ctypes, marshal, os, resource, signal, sys, threading
 cfg_fd = int(sys.argv[1])
 cfg_file = os.fdopen(cfg_fd, "rb", buffering=0)
-line = b""
-while not line.endswith(b"\n"):
-    chunk = cfg_file.read(1 << 16)
-    if not chunk:
-        os._exit(3)
-    line += chunk
-cfg = json.loads(line)
+
+def read_exactly(n):
+    out = b""
+    while len(out) < n:
+        chunk = cfg_file.read(n - len(out))
+        if not chunk:
+            os._exit(3)
+        out += chunk
+    return out
+
+cfg = marshal.loads(read_exactly(int.from_bytes(read_exactly(8), "little")))
 lim = cfg["limits"]
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu"], lim["cpu"] + 1))
@@ -492,7 +496,8 @@ class Sandbox:
             os.close(cfg_r)
             os.close(res_w)
             cfg_r = res_w = None
-            _write_all(cfg_w, (json.dumps(cfg, ensure_ascii=True) + "\n").encode(), start + timeout)
+            blob = marshal.dumps(cfg)  # trusted parent -> launcher; plain str/int/bool/None values
+            _write_all(cfg_w, len(blob).to_bytes(8, "little") + blob, start + timeout)
             del cfg
             returncode = _wait(proc, start + timeout)
             timed_out = returncode is None

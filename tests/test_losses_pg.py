@@ -75,7 +75,10 @@ def test_group_advantages_match_python_loop(method, group_size):
     out = _group_adv_jit(rewards, group_size=group_size, method=method)
     assert out.shape == rewards.shape and out.dtype == jnp.float32
     ref = group_advantages_loop(rewards, group_size, method)
-    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+    # float32 rewards: a near-tie (e.g. -1, -1, -1.004) divides a float32-rounded deviation by a tiny
+    # std, so relative errors up to ~5e-5 are the input precision, not a bug (ddof or baseline errors
+    # are > 10%).
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_group_advantages_binary_rewards_group_of_two_closed_form():
@@ -221,7 +224,7 @@ def test_reinforce_pp_returns_closed_form_hole_and_whitening():
 
 
 def test_reinforce_pp_returns_garbage_does_not_leak_into_grads_and_no_retrace():
-    rewards = with_garbage(RNG.normal(size=MASK.shape), MASK, np.inf)
+    rewards = with_garbage(np.random.default_rng(3).normal(size=MASK.shape), MASK, np.inf)
     g = np.asarray(jax.grad(lambda r: jnp.sum(losses.reinforce_pp_returns(r, MASK, 0.9)))(rewards))
     assert np.all(np.isfinite(g)) and np.all(g[MASK == 0] == 0)
     # d sum_t G_t / d r_s = sum over valid t <= s of gamma^(valid steps between): 1 + 0.9 + ... by hand.
@@ -229,7 +232,7 @@ def test_reinforce_pp_returns_garbage_does_not_leak_into_grads_and_no_retrace():
     fn = jax.jit(chex.assert_max_traces(losses.reinforce_pp_returns, n=1))
     for gamma in (1.0, 0.9, 0.3):
         np.testing.assert_allclose(
-            fn(rewards, MASK, gamma), returns_loop(np.nan_to_num(rewards), MASK, gamma), rtol=1e-6
+            fn(rewards, MASK, gamma), returns_loop(np.nan_to_num(rewards), MASK, gamma), rtol=1e-5, atol=1e-6
         )
 
 

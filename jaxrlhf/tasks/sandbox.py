@@ -499,9 +499,9 @@ class Sandbox:
             blob = marshal.dumps(cfg)  # trusted parent -> launcher; plain str/int/bool/None values
             _write_all(cfg_w, len(blob).to_bytes(8, "little") + blob, start + timeout)
             del cfg
-            returncode = _wait(proc, start + timeout)
-            timed_out = returncode is None
+            timed_out = not _wait_exit(proc, start + timeout)
             _kill_group(proc)
+            returncode = None if timed_out else proc.returncode
             got = _read_available(res_r)
             passed = (not timed_out) and got == token
             if timed_out:
@@ -583,7 +583,12 @@ def _count_tasks(uid: int) -> int:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILLs the run's process group (the launcher's session) and reaps the launcher."""
+    """SIGKILLs the run's process group (the launcher's session), then reaps the launcher.
+
+    Only before the reap: until then the launcher (maybe a zombie) holds its pid, so the group id
+    cannot have been reused by an unrelated process."""
+    if proc.returncode is not None:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     try:
@@ -592,21 +597,22 @@ def _kill_group(proc: subprocess.Popen) -> None:
         log.error("sandbox: launcher %d did not exit after SIGKILL", proc.pid)
 
 
-def _wait(proc: subprocess.Popen, deadline: float) -> int | None:
-    """The launcher's exit code, or None at ``deadline`` (``time.monotonic``). Waits on a pidfd
-    (no polling latency) where the OS has one."""
+def _wait_exit(proc: subprocess.Popen, deadline: float) -> bool:
+    """Whether the launcher exited before ``deadline`` (``time.monotonic``), **without reaping it**
+    (see ``_kill_group``). Waits on a pidfd where the OS has one, else polls ``waitid(WNOWAIT)``."""
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
-        try:
-            return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return None
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.005)
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     try:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
     finally:
         os.close(fd)
-    return proc.wait() if ready else None
+    return bool(ready)
 
 
 def _write_all(fd: int, data: bytes, deadline: float) -> None:

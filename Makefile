@@ -4,27 +4,36 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
-$(STAMP): setup.py
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
-	# torch (CPU) is only for the transformers parity/export checks in the tests; never a runtime dependency.
+
+# The demo needs the package and matplotlib (its plot) only.
+$(DEMO_STAMP): setup.py | $(BIN)/python
+	$(BIN)/pip install -q -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+# torch (CPU build, first, so the test extra's torch requirement is met by it) is only for the
+# transformers parity/export checks in the tests; never a runtime dependency.
+$(TEST_STAMP): setup.py | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	touch $(STAMP)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
-venv: $(STAMP)
+venv: $(TEST_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m jaxrlhf.quickstart
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check jaxrlhf tests configs
 	$(BIN)/ruff format --check jaxrlhf tests configs
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check --fix jaxrlhf tests configs
 	$(BIN)/ruff format jaxrlhf tests configs
 

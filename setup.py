@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4.3",
     ],
     extras_require={
+        "demo": ["matplotlib>=3.8"],
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6.0", "matplotlib>=3.8"],
         "bench": ["matplotlib>=3.8", "trl>=0.19", "torch>=2.4"],
     },

@@ -24,5 +24,5 @@ def get_config():
     c.eval_every = 250
     c.eval_batches = 16
     c.optim = d.optim(lr=1e-5, warmup_steps=50)
-    c.reward = dict(use_margin=False)
+    c.bradley_terry = d.bradley_terry(use_margin=False)
     return c

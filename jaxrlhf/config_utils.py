@@ -7,21 +7,6 @@ from typing import Any
 
 import ml_collections
 
-# Keys that may differ between a run and its resumption: they change how long or how loudly a run
-# goes, never the state it saves.
-RESUMABLE_KEYS = (
-    "total_steps",
-    "log_every",
-    "eval_every",
-    "eval_batches",
-    "checkpoint.",
-    "export_hf",
-    "progress_bar",
-    "max_consecutive_skips",
-    "ppo.iterations",
-    "dpo_iter.rounds",
-)
-
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b.c": leaf}`` for a ConfigDict / dict (lists and tuples are leaves)."""
@@ -45,13 +30,14 @@ def _normalise(v):
     return json.loads(json.dumps(v, default=str))
 
 
-def incompatible_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-    """Keys whose values differ between a saved config dict and ``current`` (resumable keys excepted)."""
+def incompatible_keys(saved: dict, current: ml_collections.ConfigDict, resumable=()) -> list[str]:
+    """Keys whose values differ between a saved config dict and ``current``, except ``resumable``
+    ones (a key, or a prefix ending in "." for a whole section)."""
     a, b = flatten(saved), flatten(_normalise(current.to_dict()))
     keys = sorted(set(a) | set(b))
     bad = []
     for k in keys:
-        if any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS):
+        if any(k == r or (r.endswith(".") and k.startswith(r)) for r in resumable):
             continue
         if _normalise(a.get(k, "<missing>")) != _normalise(b.get(k, "<missing>")):
             bad.append(f"{k}: saved={a.get(k, '<missing>')!r} now={b.get(k, '<missing>')!r}")

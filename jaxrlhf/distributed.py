@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -47,3 +48,19 @@ def maybe_initialize() -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-process) global array as one host numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(rows: np.ndarray) -> np.ndarray:
+    """This process's contiguous part of a global list of rows."""
+    n, p = len(rows), jax.process_count()
+    per = n // p
+    return rows[jax.process_index() * per : (jax.process_index() + 1) * per]

@@ -1,6 +1,6 @@
 r"""Evaluate a policy on held-out prompts: reward, win rate, KL to a reference, pass@k.
 
-    python -m jaxrlhf.evaluate --config=configs/ppo_tldr_qwen.py --policy=/tmp/ppo/hf \
+    python -m jaxrlhf.evaluate --config=configs/ppo_hh_qwen.py --policy=/tmp/ppo/hf \
         --baseline=/tmp/sft/hf [--reference=/tmp/sft/hf] [--samples=4] [--out=eval.json]
 
 The config supplies the prompt data (``config.data``, ``config.tokenizer``), the sampler settings
@@ -30,24 +30,19 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxrlhf import data as data_lib
-from jaxrlhf import losses, models
-from jaxrlhf.ppo import build_reward, gather, make_sampler
+from jaxrlhf import models
+from jaxrlhf.algorithms.common import response_logps
+from jaxrlhf.distributed import gather
+from jaxrlhf.rollout import build_reward, config_sampler
 from jaxrlhf.sharding import make_mesh, shard_batch
 from jaxrlhf.tasks.verifiable import pass_at_k_from_scores
-from jaxrlhf.trainer.algorithms import apply_model
-from jaxrlhf.trainer.loop import DTYPES
+from jaxrlhf.trainer.setup import DTYPES
 
 
 def load_policy(path: str, dtype: str, mesh):
     model = models.from_pretrained(path, dtype=DTYPES[dtype], param_dtype=jnp.float32, mesh=mesh)
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
-
-
-def sequence_logps(graphdef, params, seq) -> jax.Array:
-    logits = apply_model(graphdef, params, seq).astype(jnp.float32)
-    logps, mask = losses.shifted_logprobs(logits, seq["input_ids"], seq["loss_mask"])
-    return jnp.sum(jnp.where(mask > 0, logps, 0.0), axis=-1)
 
 
 def evaluate(
@@ -73,7 +68,7 @@ def evaluate(
     dtype = config.model.dtype
 
     def sample_all(graphdef, params, k: int, salt: int) -> list[dict]:
-        sampler = make_sampler(graphdef, gc, tokenizer, mesh, params)
+        sampler = config_sampler(graphdef, gc, tokenizer, mesh, params)
         it = data_lib.BatchIterator(ds, batch, seed=seed, shuffle=False, process_index=0, process_count=1)
         out = []
         for b in range(n_prompts // batch):
@@ -107,7 +102,7 @@ def evaluate(
     ref_path = reference or baseline
     if ref_path:
         ref_gd, ref_params = load_policy(ref_path, dtype, mesh)
-        lp = jax.jit(sequence_logps, static_argnums=0)
+        lp = jax.jit(response_logps, static_argnums=0)
         kls = [
             gather(lp(graphdef, params, p["seq"]) - lp(ref_gd, ref_params, p["seq"])).reshape(-1, samples)[
                 :, 0

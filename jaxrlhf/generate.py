@@ -122,6 +122,31 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return axes
 
 
+def stop_and_pad_ids(cfg, tokenizer, stop_ids: str) -> tuple[set[int], int]:
+    """The stop tokens (model EOS, tokenizer EOS, ``--stop_ids``) and the padding id."""
+    eos = cfg.eos_token_id
+    eos_ids = set(eos if isinstance(eos, tuple) else ([] if eos is None else [eos]))
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(int(tokenizer.eos_token_id))
+    eos_ids |= {int(s) for s in stop_ids.split(",") if s.strip()}
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else min(eos_ids, default=0)
+    return eos_ids, pad_id
+
+
+def completion_row(row: dict, tokenizer, tokens: np.ndarray, logprobs: np.ndarray, truncated: bool) -> dict:
+    """The prompt row with its completion text (stop token dropped), length, finish reason, log-prob."""
+    toks = tokens.tolist()
+    text_toks = toks[:-1] if (toks and not truncated) else toks
+    row = dict(row)
+    row["completion"] = tokenizer.decode(text_toks, skip_special_tokens=True)
+    row["completion_tokens"] = len(toks)
+    row["finish_reason"] = "length" if truncated else "stop"
+    row["logprob"] = float(logprobs.sum())
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from transformers import AutoTokenizer  # imported here: slow, and only the CLI needs it
@@ -137,14 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = model.config
     graphdef, params = nnx.split(model)
 
-    eos = cfg.eos_token_id
-    eos_ids = set(eos if isinstance(eos, tuple) else ([] if eos is None else [eos]))
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(int(tokenizer.eos_token_id))
-    eos_ids |= {int(s) for s in args.stop_ids.split(",") if s.strip()}
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else min(eos_ids, default=0)
+    eos_ids, pad_id = stop_and_pad_ids(cfg, tokenizer, args.stop_ids)
 
     param_sh = gen_sh = None
     if mesh is not None:
@@ -198,13 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trunc = np.asarray(out.truncated)
             for r in range(real):
                 n = int(rmask[r].sum())
-                toks = resp[r, :n].tolist()
-                text_toks = toks[:-1] if (n and not trunc[r]) else toks
-                row = dict(rows[b * bs + r])
-                row["completion"] = tokenizer.decode(text_toks, skip_special_tokens=True)
-                row["completion_tokens"] = n
-                row["finish_reason"] = "length" if trunc[r] else "stop"
-                row["logprob"] = float(lps[r, :n].sum())
+                row = completion_row(rows[b * bs + r], tokenizer, resp[r, :n], lps[r, :n], bool(trunc[r]))
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 totals["decode_tokens"] += n
                 stops += int(not trunc[r])

@@ -4,7 +4,7 @@ r"""The quickstart: the whole RLHF pipeline on synthetic reviews, from scratch, 
 
 A stand-in for the controlled-sentiment task of the DPO paper (IMDb there, ``jaxrlhf.tasks.reviews``
 here), run as a pipeline of stages. Each training stage is an ordinary config
-(``configs/quickstart/<stage>.py``) run by ``jaxrlhf.trainer.loop.run``, exactly as
+(``stage_config``; ``configs/quickstart/<stage>.py`` returns it) run by ``jaxrlhf.registry.run``, exactly as
 ``python -m jaxrlhf.train --config=configs/quickstart/<stage>.py:full,<workdir>`` would run it:
 
   a. data    synthetic review SFT data and review-opening prompts (train / held-out) as JSONL.
@@ -26,7 +26,6 @@ interrupted mid-way resumes from its checkpoint); ``--force`` reruns every stage
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import sys
 import time
 from typing import Any
 
+import ml_collections
 from absl import app, flags, logging
 
 # ----------------------------------------------------------------------------------------------
@@ -180,9 +180,9 @@ class Paths:
 
     @property
     def tokenizer(self) -> str:
-        from jaxrlhf.tasks import reviews
+        from jaxrlhf.tasks import tokenizer
 
-        return reviews.tokenizer_path()
+        return tokenizer.tokenizer_path()
 
     sft_data = property(lambda self: self._p("data", "sft.jsonl"))
     train_prompts = property(lambda self: self._p("data", "prompts_train.jsonl"))
@@ -210,20 +210,158 @@ def parse_config_arg(arg: str | None) -> tuple[Sizes, Paths]:
     return SIZES[size], Paths(workdir or DEFAULT_WORKDIR)
 
 
-def config_dir() -> str:
-    """``configs/quickstart`` of the repository this package lives in."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart")
+# ----------------------------------------------------------------------------------------------
+# Stage configs: ordinary jaxrlhf configs (``configs/quickstart/<stage>.py`` return these).
+# ----------------------------------------------------------------------------------------------
+def sft_config(s: Sizes, paths: Paths):
+    """The quickstart's sft stage config (``configs/quickstart/sft.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = d.base("sft")
+    c.seed = s.seed
+    c.model = d.model(**s.model)
+    c.model.dtype = "float32"
+    c.tokenizer = paths.tokenizer
+    c.data = d.data(path=paths.sft_data, max_prompt_length=s.max_prompt_length, max_length=s.max_length)
+    c.batch_size = s.sft_batch
+    c.total_steps = s.sft_steps
+    c.pad_to_multiple_of = s.max_length  # one batch shape, one compile
+    c.optim = d.optim(lr=s.sft_lr, warmup_steps=s.sft_steps // 20, weight_decay=0.01)
+    c.checkpoint.every = s.sft_steps
+    c.log_every = max(1, s.sft_steps // 10)
+    c.progress_bar = s.progress_bar
+    return c
+
+
+def reward_config(s: Sizes, paths: Paths):
+    """The quickstart's reward stage config (``configs/quickstart/reward.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = d.base("reward")
+    c.seed = s.seed
+    c.model = d.model(paths.sft_export)
+    c.model.dtype = "float32"
+    c.tokenizer = paths.tokenizer
+    c.data = d.data(
+        path=paths.pairs,
+        eval_fraction=s.rm_eval_fraction,
+        max_prompt_length=s.max_prompt_length,
+        max_length=s.max_length,
+    )
+    c.batch_size = s.pair_batch
+    c.total_steps = s.rm_steps
+    c.pad_to_multiple_of = s.max_length
+    c.eval_every = s.rm_steps
+    c.eval_batches = 4
+    c.optim = d.optim(lr=s.rm_lr, warmup_steps=s.rm_steps // 10)
+    c.bradley_terry = d.bradley_terry(use_margin=False)
+    c.checkpoint.every = s.rm_steps
+    c.log_every = max(1, s.rm_steps // 5)
+    c.progress_bar = s.progress_bar
+    return c
+
+
+def dpo_config(s: Sizes, paths: Paths):
+    """The quickstart's dpo stage config (``configs/quickstart/dpo.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = d.base("dpo")
+    c.seed = s.seed
+    c.model = d.model(paths.sft_export)
+    c.model.dtype = "float32"
+    c.tokenizer = paths.tokenizer
+    c.data = d.data(path=paths.pairs, max_prompt_length=s.max_prompt_length, max_length=s.max_length)
+    c.batch_size = s.pair_batch
+    c.total_steps = s.dpo_steps
+    c.pad_to_multiple_of = s.max_length
+    c.optim = d.optim(lr=s.dpo_lr, warmup_steps=s.dpo_steps // 10, schedule="constant")
+    c.ref = d.ref(ema_decay=1.0)
+    c.dpo = dict(beta=s.dpo_beta, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
+    c.checkpoint.every = s.dpo_steps
+    c.log_every = max(1, s.dpo_steps // 5)
+    c.progress_bar = s.progress_bar
+    return c
+
+
+def ppo_config(s: Sizes, paths: Paths):
+    """The quickstart's ppo stage config (``configs/quickstart/ppo.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = d.base("ppo")
+    c.seed = s.seed
+    c.model = d.model(paths.sft_export)
+    c.model.dtype = "float32"
+    c.tokenizer = paths.tokenizer
+    c.data = d.data(
+        path=paths.train_prompts,
+        max_prompt_length=s.max_prompt_length,
+        max_length=s.max_prompt_length + s.max_new_tokens,
+        bucket=False,
+    )
+    c.critic = dict(
+        model=d.model(paths.rm_export), optim=d.optim(lr=s.critic_lr, warmup_steps=0, schedule="constant")
+    )
+    c.critic.model.dtype = "float32"
+    c.reward = d.reward(model_path=paths.rm_export, missing_eos_penalty=1.0)
+    c.reward.model.dtype = "float32"
+    c.ref = d.ref(ema_decay=s.ppo_ema_decay)
+    c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
+    c.ppo = d.ppo(
+        iterations=s.ppo_iterations,
+        rollout_batch_size=s.ppo_rollout_batch,
+        minibatch_size=s.ppo_minibatch,
+        epochs=s.ppo_epochs,
+        whiten_advantages=True,
+        kl_coef=s.ppo_kl_coef,
+    )
+    c.optim = d.optim(lr=s.ppo_lr, warmup_steps=0, schedule="constant")
+    c.checkpoint.every = s.ppo_iterations
+    c.log_every = max(1, s.ppo_iterations // 10)
+    c.progress_bar = s.progress_bar
+    return c
+
+
+def evaluate_config(s: Sizes, paths: Paths):
+    """The quickstart's evaluate stage config (``configs/quickstart/evaluate.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = ml_collections.ConfigDict()
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.tokenizer = paths.tokenizer
+    c.model = dict(dtype="float32")
+    c.data = d.data(
+        path=paths.eval_prompts,
+        max_prompt_length=s.max_prompt_length,
+        max_length=s.max_prompt_length + s.max_new_tokens,
+        bucket=False,
+        shuffle=False,
+    )
+    c.reward = dict(fn="jaxrlhf.tasks.reviews:reward")
+    c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
+    return c
+
+
+STAGE_CONFIGS = {
+    "sft": sft_config,
+    "reward": reward_config,
+    "dpo": dpo_config,
+    "ppo": ppo_config,
+    "evaluate": evaluate_config,
+}
+
+
+def stage_config(stage: str, arg: str | None = None):
+    """The config of quickstart stage ``stage`` for the argument ``"SIZE[,WORKDIR]"``."""
+    if stage not in STAGE_CONFIGS:
+        raise ValueError(
+            f"quickstart: no config for stage {stage!r}; expected one of {sorted(STAGE_CONFIGS)}"
+        )
+    return STAGE_CONFIGS[stage](*parse_config_arg(arg))
 
 
 def load_config(stage: str, size: str, workdir: str):
-    """``get_config("<size>,<workdir>")`` of ``configs/quickstart/<stage>.py`` (as ``--config=`` loads it)."""
-    path = os.path.join(config_dir(), f"{stage}.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"quickstart: no config for stage {stage!r} at {path}")
-    spec = importlib.util.spec_from_file_location(f"quickstart_config_{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"{size},{workdir}")
+    """``stage_config(stage, "<size>,<workdir>")``, locked as ``--config=`` would load it."""
+    config = stage_config(stage, f"{size},{workdir}")
     config.lock()
     return config
 
@@ -247,17 +385,16 @@ def stage_data(s: Sizes, p: Paths) -> dict[str, Any]:
 
 
 def train_stage(stage: str, size: str, p: Paths) -> dict[str, Any]:
-    """(b, d, e, f) ``loop.run`` of ``configs/quickstart/<stage>.py``; returns its last logged metrics.
+    """(b, d, e, f) ``registry.run`` of the stage's config; returns its last logged metrics.
 
     The config is read through ``config_utils.ReadTracker``; keys the run never read (dead keys)
     are returned under ``unread_keys`` (tests/test_quickstart.py requires none).
     """
-    from jaxrlhf import config_utils
-    from jaxrlhf.trainer import loop
+    from jaxrlhf import config_utils, registry
 
     config = load_config(stage, size, p.workdir)
     tracked = config_utils.ReadTracker(config)
-    result = loop.run(tracked, p.stage_dir(stage))
+    result = registry.run(tracked, p.stage_dir(stage))
     if result.get("interrupted"):
         raise KeyboardInterrupt(f"stage {stage} stopped by a signal; rerun to resume from its checkpoint")
     history = result.get("history") or [result.get("metrics", {})]
@@ -285,8 +422,9 @@ def sample_prompts(policy_dir: str, prompts_path: str, s: Sizes, k: int, seed: i
     from tqdm import tqdm
 
     from jaxrlhf import data as data_lib
-    from jaxrlhf import evaluate, ppo
-    from jaxrlhf.config_defaults import generation
+    from jaxrlhf import evaluate, rollout
+    from jaxrlhf.config_sections import generation
+    from jaxrlhf.distributed import gather
     from jaxrlhf.sharding import make_mesh, shard_batch
     from jaxrlhf.tasks import common
 
@@ -302,7 +440,9 @@ def sample_prompts(policy_dir: str, prompts_path: str, s: Sizes, k: int, seed: i
     ds, _ = data_lib.build_datasets(dcfg, tokenizer, "prompt")
     source = common.read_jsonl(prompts_path)
     graphdef, params = evaluate.load_policy(policy_dir, "float32", mesh)
-    sampler = ppo.make_sampler(graphdef, generation(max_new_tokens=s.max_new_tokens), tokenizer, mesh, params)
+    sampler = rollout.config_sampler(
+        graphdef, generation(max_new_tokens=s.max_new_tokens), tokenizer, mesh, params
+    )
     batch = min(s.sample_batch, len(ds))
     it = data_lib.BatchIterator(ds, batch, shuffle=False, repeat=False, process_index=0, process_count=1)
     prompts, responses = [], []
@@ -312,8 +452,8 @@ def sample_prompts(policy_dir: str, prompts_path: str, s: Sizes, k: int, seed: i
         out = sampler(
             params, dev["prompt_ids"], dev["prompt_mask"], jax.random.fold_in(jax.random.key(seed), b)
         )
-        ids, mask = np.asarray(ppo.gather(out.response_ids)), np.asarray(ppo.gather(out.response_mask))
-        texts = [common.clean_response(t) for t in ppo.decode_texts(tokenizer, ids, mask)]
+        ids, mask = np.asarray(gather(out.response_ids)), np.asarray(gather(out.response_mask))
+        texts = [common.clean_response(t) for t in rollout.decode_texts(tokenizer, ids, mask)]
         for r, i in enumerate(host["index"]):
             prompts.append(source[ds.row(int(i))["source_index"]]["prompt"])
             responses.append(texts[r * k : (r + 1) * k])
@@ -383,7 +523,9 @@ def compare_policies(
     from tqdm import tqdm
 
     from jaxrlhf import data as data_lib
-    from jaxrlhf import evaluate, ppo
+    from jaxrlhf import evaluate, rollout
+    from jaxrlhf.algorithms.common import response_logps
+    from jaxrlhf.distributed import gather
     from jaxrlhf.sharding import make_mesh, shard_batch
 
     mesh = make_mesh(config.mesh)
@@ -391,10 +533,10 @@ def compare_policies(
     ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
     batch = min(batch_size, len(ds))
     n_batches = len(ds) // batch
-    judge = ppo.build_reward(config, mesh, tokenizer, ds)
+    judge = rollout.build_reward(config, mesh, tokenizer, ds)
     graphdef, base_params = evaluate.load_policy(baseline, config.model.dtype, mesh)
-    sampler = ppo.make_sampler(graphdef, config.generation, tokenizer, mesh, base_params)
-    logps = jax.jit(lambda params, seq: evaluate.sequence_logps(graphdef, params, seq))
+    sampler = rollout.config_sampler(graphdef, config.generation, tokenizer, mesh, base_params)
+    logps = jax.jit(lambda params, seq: response_logps(graphdef, params, seq))
     structure = jax.tree.structure(base_params)
 
     def sample(params, salt: int, desc: str) -> list[dict]:
@@ -404,11 +546,11 @@ def compare_policies(
             prompts = shard_batch(mesh, {k: host[k] for k in ("prompt_ids", "prompt_mask")})
             rng = jax.random.fold_in(jax.random.key(seed + salt), b)
             gen = sampler(params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
-            seq = ppo.response_sequences(
+            seq = rollout.response_sequences(
                 prompts["prompt_ids"], prompts["prompt_mask"], gen.response_ids, gen.response_mask
             )
             scores = np.asarray(jax.device_get(judge(seq, host["prompt_ids"].shape[1], host["index"])))
-            length = np.asarray(ppo.gather(gen.response_mask)).sum(-1)
+            length = np.asarray(gather(gen.response_mask)).sum(-1)
             out.append({"seq": seq, "scores": scores, "length": length})
         return out
 
@@ -421,7 +563,7 @@ def compare_policies(
         pol = sample(params, 1, f"{name} samples")
         scores = np.concatenate([o["scores"] for o in pol])
         kl = np.concatenate(
-            [np.asarray(ppo.gather(logps(params, o["seq"]) - logps(base_params, o["seq"]))) for o in pol]
+            [np.asarray(gather(logps(params, o["seq"]) - logps(base_params, o["seq"]))) for o in pol]
         )
         rows[name] = {
             "gold_reward": float(scores.mean()),

@@ -3,8 +3,9 @@ r"""Train SFT, reward models, DPO, PPO and iterative DPO from one ml_collections
     python -m jaxrlhf.train --config=configs/dpo_hh_qwen.py --workdir=/tmp/run \
         [--config.key=value ...]
 
-``config.algorithm`` picks the algorithm. The run is one readable ``run()`` in banner sections:
-distributed, mesh, data, model, shard, update step, checkpoint/resume, loop, export.
+``config.algorithm`` picks the algorithm's record in ``jaxrlhf.registry``, whose driver runs it:
+the offline loop (``jaxrlhf.trainer.offline``) or an online rollout loop (``jaxrlhf.algorithms.ppo``,
+``jaxrlhf.algorithms.dpo_iter``), each built from the one setup path and the one run harness.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxrlhf.trainer.loop import run
+from jaxrlhf.registry import run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiment config file.", lock_config=True

@@ -15,12 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def e1():
-    spec = importlib.util.spec_from_file_location(
-        "e1_ood", os.path.join(ROOT, "configs/experiments/e1_ood.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("jaxrlhf.experiments.e1_ood")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
@@ -16,12 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name: str):
-    path = os.path.join(ROOT, "configs", "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jaxrlhf.experiments.{name}")
 
 
 e2 = _load("e2_frontier")

@@ -16,12 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "configs", "experiments", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jaxrlhf.experiments.{name}")
 
 
 def _is_prob(x: float) -> bool:

@@ -25,6 +25,7 @@ import shutil
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from jaxrlhf import config_defaults as d
 from jaxrlhf import losses, models, registry
@@ -60,13 +61,11 @@ def save_tiny(path, *, seed: int, head=None, vocab_size: int = 256) -> str:
 
 
 def torch_lm(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def torch_scorer(path):
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, torch_dtype=torch.float32
-    ).eval()
+    return transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def encode(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -278,3 +277,187 @@ def test_simpo_first_step_is_length_normalised(w0, char_tok, tmp_path):
     want = np.mean(-log_sigmoid(beta * lc - beta * lr - gamma))  # Meng et al. 2024, eq. 6
     close(got["simpo_loss"], want, "simpo_loss", atol=2e-5)
     close(got["rewards/margin"], np.mean(beta * (lc - lr)), "rewards/margin", atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: two iterations (the second after a resume) against a greedy rollout redone in PyTorch.
+# ---------------------------------------------------------------------------------------------
+REVIEW_TOK = os.path.join(ROOT, "jaxrlhf", "tasks", "assets", "reviews_tokenizer")
+PPO_PROMPTS = ["it was", "my family saw", "this thriller is", "to be honest this film", "the story follows",
+               "everyone absolutely", "for me", "i saw it in"]  # fmt: skip
+
+
+def ppo_reward(prompts, responses, rows=None):
+    """The run's programmatic reward (``config.reward.fn = "test_golden:ppo_reward"``): varied,
+    and computed here again from the PyTorch rollout's decoded text."""
+    return np.array(
+        [0.3 * len(r) - 0.1 * len(p) + 0.5 * r.count("e") for p, r in zip(prompts, responses, strict=True)]
+    )
+
+
+def greedy(lm, prompt_ids, max_new: int, eos: int) -> tuple[list[int], bool]:
+    """Greedy response (EOS included when produced) and whether it was cut at ``max_new``."""
+    ids = list(prompt_ids)
+    for _ in range(max_new):
+        nxt = int(torch.argmax(lm(torch.tensor([ids])).logits[0, -1]))
+        ids.append(nxt)
+        if nxt == eos:
+            return ids[len(prompt_ids) :], False
+    return ids[len(prompt_ids) :], True
+
+
+def actor_that_stops(path, tok, max_new: int) -> str:
+    """A tiny actor whose greedy responses end with EOS for some prompts and not for others:
+    the LM-head row of EOS becomes 1.05x the row of a token that about half of the greedy
+    responses emit (so EOS wins wherever that token would), edited in the safetensors file."""
+    save_tiny(path, seed=11, vocab_size=512)
+    lm = torch_lm(str(path))
+    responses = [greedy(lm, tok(p)["input_ids"], max_new, tok.eos_token_id)[0] for p in PPO_PROMPTS]
+    counts = {t: sum(t in r[1:] for r in responses) for r in responses for t in r[1:]}
+    target = min(counts, key=lambda t: abs(counts[t] - len(PPO_PROMPTS) / 2))
+    file = os.path.join(path, "model.safetensors")
+    weights = load_file(file)
+    weights["lm_head.weight"][tok.eos_token_id] = 1.05 * weights["lm_head.weight"][target]
+    save_file(weights, file, metadata={"format": "pt"})
+    return str(path)
+
+
+def critic_values(critic, ids) -> np.ndarray:
+    """The scalar head at every position ``[T]`` (not only the last)."""
+    h = critic.model(torch.tensor([ids])).last_hidden_state
+    return critic.score(h)[0, :, 0].double().numpy()
+
+
+def gae_loop(rewards, values, gamma, lam):
+    """GAE (Schulman et al. 2016) of one episode with V = 0 after its last action."""
+    adv, nxt_v, nxt_a = np.zeros(len(rewards)), 0.0, 0.0
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * nxt_v - values[t]
+        nxt_a = delta + gamma * lam * nxt_a
+        adv[t], nxt_v = nxt_a, values[t]
+    return adv
+
+
+def entropy_at(lm, ids, start: int) -> np.ndarray:
+    logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return (-(logp.exp() * logp).sum(-1))[start - 1 : len(ids) - 1].numpy()
+
+
+def mixed_lm(path_a, path_b, w_a: float):
+    """A model whose every weight is ``w_a * a + (1 - w_a) * b`` (the EMA reference's closed form)."""
+    lm, other = torch_lm(path_a), torch_lm(path_b).state_dict()
+    lm.load_state_dict({k: w_a * v + (1 - w_a) * other[k] for k, v in lm.state_dict().items()})
+    return lm
+
+
+def expected_iteration(actor, ref, critic, tok, cfg, kl_coef: float, stats: dict):
+    """Every metric of one PPO iteration whose update is a single minibatch (ratio 1), from the
+    PyTorch rollout; returns ``(metrics, new reward stats)``."""
+    pc, rc = cfg.ppo, cfg.reward
+    rows = []
+    for prompt in PPO_PROMPTS:
+        p = tok(prompt)["input_ids"]
+        resp, cut = greedy(actor, p, cfg.generation.max_new_tokens, tok.eos_token_id)
+        old = response_logps(actor, p, resp)
+        kl = old - response_logps(ref, p, resp)  # k1
+        rows.append(dict(p=p, resp=resp, cut=cut, old=old, kl=kl, ent=entropy_at(actor, p + resp, len(p))))
+        rows[-1]["v"] = critic_values(critic, p + resp)[len(p) - 1 : -1]
+        rows[-1]["raw"] = ppo_reward([tok.decode(p, skip_special_tokens=True)],
+                                     [tok.decode(resp, skip_special_tokens=True)])[0]  # fmt: skip
+    raw = np.array([r["raw"] for r in rows])
+    s = raw - rc.missing_eos_penalty * np.array([r["cut"] for r in rows])
+    n, mb, vb = stats["count"] + len(s), np.mean(s), np.var(s)  # Chan et al. parallel update
+    mean = stats["mean"] + (mb - stats["mean"]) * len(s) / n
+    var = (
+        stats["var"] * stats["count"] + vb * len(s) + (mb - stats["mean"]) ** 2 * stats["count"] * len(s) / n
+    ) / n
+    score = (s - mean) / np.sqrt(var + 1e-8) if rc.normalize else s
+    score = np.clip(score, -rc.clip, rc.clip) if rc.clip > 0 else score
+    adv, ret = [], []
+    for r, sc in zip(rows, score, strict=True):
+        rew = np.zeros(len(r["resp"]))
+        rew[-1] = sc
+        if pc.kl_mode == "reward":
+            rew = rew - kl_coef * r["kl"]
+        a = gae_loop(rew, r["v"], pc.gamma, pc.lam)
+        adv.append(a), ret.append(a + r["v"])
+    cat = lambda key: np.concatenate([r[key] for r in rows])
+    A, R, V = np.concatenate(adv), np.concatenate(ret), cat("v")
+    Aw = (A - A.mean()) / np.sqrt(A.var() + 1e-8) if pc.whiten_advantages else A
+    pg, vf, ent = -np.mean(Aw), 0.5 * np.mean((V - R) ** 2), np.mean(cat("ent"))
+    kl_term = np.mean(cat("kl")) if pc.kl_mode == "loss" else 0.0
+    m = {
+        "reward/raw_mean": raw.mean(),
+        "response/eos_rate": 1 - np.mean([r["cut"] for r in rows]),
+        "reward/normalized_mean": score.mean(),
+        "kl_ref/k1": np.mean([r["kl"].sum() for r in rows]),
+        "value/mean": V.mean(),
+        "advantages/mean": A.mean(),
+        "advantages/std": A.std(),
+        "returns/mean": R.mean(),
+        "train/policy_loss": pg,
+        "train/value_loss": vf,
+        "train/entropy": ent,
+        "train/loss": pg
+        + pc.vf_coef * vf
+        - pc.entropy_coef * ent
+        + (kl_coef * kl_term if pc.kl_mode == "loss" else 0),
+        "kl_coef": kl_coef,
+    }
+    return m, {"count": n, "mean": mean, "var": var}
+
+
+def ppo_config(actor, critic, data, *, kl_mode: str, normalize: bool):
+    c = d.base("ppo")
+    c.model = d.model(path=actor)
+    c.model.dtype = "float32"
+    c.tokenizer = REVIEW_TOK
+    c.data = d.data(path=data, max_prompt_length=8, max_length=32, bucket=False)
+    # lr 1e-30: the critic stays at its initial weights (every weight moves by < 1 ulp)
+    c.critic = dict(model=d.model(path=critic), optim=d.optim(lr=1e-30, warmup_steps=0, schedule="constant"))
+    c.critic.model.dtype = "float32"
+    c.reward = d.reward(fn="test_golden:ppo_reward", missing_eos_penalty=0.7, normalize=normalize, clip=1.0)
+    c.ref = d.ref(ema_decay=0.9)
+    c.generation = d.generation(max_new_tokens=6, top_k=1)  # greedy: a rollout PyTorch can redo
+    c.ppo = d.ppo(
+        iterations=1, rollout_batch_size=len(PPO_PROMPTS), minibatch_size=len(PPO_PROMPTS), epochs=1,
+        gamma=0.9, lam=0.8, whiten_advantages=True, kl_mode=kl_mode, kl_coef=0.3, adaptive_kl=True,
+        kl_target=6.0, kl_horizon=10, entropy_coef=0.01, vf_coef=0.5,
+    )  # fmt: skip
+    c.optim = d.optim(lr=3e-2, warmup_steps=0, schedule="constant")
+    c.checkpoint.every = 1
+    c.checkpoint.async_save = False
+    c.log_every = 1
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.progress_bar = False
+    return c
+
+
+@pytest.mark.parametrize("kl_mode,normalize", [("reward", True), ("loss", False)])
+def test_ppo_first_iterations_match_torch(kl_mode, normalize, tmp_path):
+    """Iteration 1 (reference = actor): sampled responses, shaped scores (missing-EOS penalty,
+    running normalisation, clipping), critic values, GAE with the configured γ and λ, whitening,
+    the clipped losses at ratio 1, the entropy bonus. Iteration 2, resumed from the checkpoint:
+    the policy is the exported actor, the reference is the EMA closed form 0.9·W0 + 0.1·W1, the
+    KL coefficient is the adaptive controller's value (restored), the reward statistics continue."""
+    tok = transformers.AutoTokenizer.from_pretrained(REVIEW_TOK)
+    w0 = actor_that_stops(tmp_path / "w0", tok, max_new=6)
+    c0 = save_tiny(tmp_path / "c0", seed=12, head="scalar", vocab_size=512)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PPO_PROMPTS])
+    cfg = ppo_config(w0, c0, data, kl_mode=kl_mode, normalize=normalize)
+    work = str(tmp_path / "run")
+    got1 = registry.run(cfg, work)["history"][-1]
+    w1 = shutil.copytree(os.path.join(work, "hf"), str(tmp_path / "w1"))
+    cfg.ppo.iterations = 2
+    got2 = registry.run(cfg, work)["history"][-1]
+
+    actor0, critic = torch_lm(w0), torch_scorer(c0)
+    stats = {"count": 0.0, "mean": 0.0, "var": 1.0}
+    want1, stats = expected_iteration(actor0, actor0, critic, tok, cfg, 0.3, stats)
+    coef2 = 0.3 * (1 + np.clip(0.0 / 6.0 - 1, -0.2, 0.2) * len(PPO_PROMPTS) / 10)  # Ziegler et al. 2019
+    want2, _ = expected_iteration(torch_lm(w1), mixed_lm(w0, w1, 0.9), critic, tok, cfg, coef2, stats)
+    assert 0.0 < want1["response/eos_rate"] < 1.0, want1  # the missing-EOS penalty is seen
+    assert abs(want2["kl_ref/k1"]) > 1e-3  # the reference differs from the moved actor
+    for it, got, want in ((1, got1, want1), (2, got2, want2)):
+        for key, value in want.items():
+            close(got[key], value, f"iteration {it}: {key}", rtol=1e-4, atol=2e-5)

@@ -349,7 +349,7 @@ def test_error_pickle_refused(tmp_path):
     d.mkdir()
     shutil.copy(os.path.join(FIX, "gpt2", "config.json"), d / "config.json")
     (d / "pytorch_model.bin").write_bytes(b"not unpickled")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
+    with pytest.raises(ValueError, match="safe_serialization=True"):
         M.from_pretrained(str(d))
 
 

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf import dpo_iter, ppo
+from jaxrlhf import registry
+from jaxrlhf import rollout as rollout_lib
+from jaxrlhf.algorithms import dpo_iter, ppo
 from jaxrlhf.tasks import reviews
-from jaxrlhf.trainer import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,11 +55,11 @@ def test_reward_lands_on_the_eos_not_on_padding():
     # prompt left-padded (P=4), response right-padded (N=4): row 0 stops at its 2nd token (EOS).
     prompt_mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
     response_mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]])
-    seq = ppo.response_sequences(
+    seq = rollout_lib.response_sequences(
         jnp.ones((2, 4), jnp.int32), prompt_mask, jnp.ones((2, 4), jnp.int32), response_mask
     )
     action_mask = seq["loss_mask"][:, 1:]
-    onehot = ppo.score_positions(action_mask)
+    onehot = rollout_lib.score_positions(action_mask)
     # Action t predicts token t+1; row 0's EOS is token 5 (P + 1) -> action index 4.
     np.testing.assert_array_equal(np.argmax(onehot, -1), [4, 6])
     assert float(onehot.sum()) == 2.0
@@ -96,7 +97,7 @@ def test_running_stats_match_numpy():
     batches = [rng.normal(3.0, 2.0, size=n).astype(np.float32) for n in (5, 17, 8)]
     stats = {"count": jnp.float32(0), "mean": jnp.float32(0), "var": jnp.float32(1)}
     for b in batches:
-        stats = ppo.update_running_stats(stats, jnp.asarray(b))
+        stats = rollout_lib.update_running_stats(stats, jnp.asarray(b))
     allx = np.concatenate(batches)
     np.testing.assert_allclose(float(stats["mean"]), allx.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(stats["var"]), allx.var(), rtol=1e-4)
@@ -122,9 +123,11 @@ def test_best_worst_pairs_skip_ties():
 
 
 def test_validation_names_the_key():
+    from jaxrlhf import config_validation
+
     c = tiny(**{"ppo.minibatch_size": 5})
     with pytest.raises(ValueError, match="rollout_batch_size"):
-        ppo.validate(c)
+        config_validation.validate_config(c)
     c = tiny(**{"ppo.kl_estimator": "k4"})
     with pytest.raises(ValueError, match="kl_estimator"):
         ppo.validate(c)
@@ -147,7 +150,7 @@ def test_ppo_checks_and_reward_rises(tmp_path, monkeypatch):
             "ref.ema_decay": 0.95,
         }
     )
-    res = loop.run(c, str(tmp_path / "ppo"))
+    res = registry.run(c, str(tmp_path / "ppo"))
     hist = res["history"]
     for h in hist:
         # Ratio exactly 1 at the first minibatch of each iteration's first epoch (f32 noise only),
@@ -177,7 +180,7 @@ def test_ppo_nan_reward_stops_before_gae(tmp_path, monkeypatch):
     real = ppo.advantages_and_returns
     monkeypatch.setattr(ppo, "advantages_and_returns", lambda *a: called.append(1) or real(*a))
     with pytest.raises(ppo.RolloutError, match="non-finite score.*before GAE"):
-        loop.run(c, str(tmp_path / "nan"))
+        registry.run(c, str(tmp_path / "nan"))
     assert not called
 
 
@@ -195,9 +198,9 @@ def test_ppo_update_independent_of_micro_batching_and_sharding(tmp_path, monkeyp
         "critic.optim.name": "sgd",
         "critic.optim.b1": 0.0,
     }
-    base = loop.run(tiny(**over), str(tmp_path / "a"))
-    micro = loop.run(tiny(**over, micro_batches=4), str(tmp_path / "b"))
-    sharded = loop.run(tiny(**over, mesh=dict(data=2, fsdp=2, tensor=2)), str(tmp_path / "c"))
+    base = registry.run(tiny(**over), str(tmp_path / "a"))
+    micro = registry.run(tiny(**over, micro_batches=4), str(tmp_path / "b"))
+    sharded = registry.run(tiny(**over, mesh=dict(data=2, fsdp=2, tensor=2)), str(tmp_path / "c"))
     for other in (micro, sharded):
         for x, y in zip(
             jax.tree.leaves(_final_actor(base)), jax.tree.leaves(_final_actor(other)), strict=True
@@ -208,9 +211,9 @@ def test_ppo_update_independent_of_micro_batching_and_sharding(tmp_path, monkeyp
 @pytest.mark.slow
 def test_ppo_resume_is_bit_exact(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    straight = loop.run(tiny(**{"ppo.iterations": 3, "checkpoint.every": 1}), str(tmp_path / "s"))
-    loop.run(tiny(**{"ppo.iterations": 2, "checkpoint.every": 1}), str(tmp_path / "r"))
-    resumed = loop.run(tiny(**{"ppo.iterations": 3, "checkpoint.every": 1}), str(tmp_path / "r"))
+    straight = registry.run(tiny(**{"ppo.iterations": 3, "checkpoint.every": 1}), str(tmp_path / "s"))
+    registry.run(tiny(**{"ppo.iterations": 2, "checkpoint.every": 1}), str(tmp_path / "r"))
+    resumed = registry.run(tiny(**{"ppo.iterations": 3, "checkpoint.every": 1}), str(tmp_path / "r"))
     assert len(resumed["history"]) == 1
     for x, y in zip(
         jax.tree.leaves(jax.device_get(straight["state"])),
@@ -226,7 +229,7 @@ def test_ppo_resume_is_bit_exact(tmp_path, monkeypatch):
 def test_dpo_iter_rounds_and_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     c = tiny("dpo_iter", **{"dpo_iter.rounds": 2, "export_hf": True})
-    res = loop.run(c, str(tmp_path / "di"))
+    res = registry.run(c, str(tmp_path / "di"))
     assert len(res["history"]) == 2
     assert all(h["round/pairs"] > 0 for h in res["history"])
     assert "train/rewards/accuracy" in res["history"][-1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf import quickstart as q
-from jaxrlhf.tasks import common, reviews
+from jaxrlhf.tasks import common, reviews, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_stage_configs_point_at_the_workdir(stage, size):
     config = q.load_config(stage, size, "/tmp/qs_wd")
     s = q.SIZES[size]
     assert config.data.path.startswith("/tmp/qs_wd/data/")
-    assert config.tokenizer == reviews.tokenizer_path()
+    assert config.tokenizer == tokenizer.tokenizer_path()
     if stage in ("reward", "dpo", "ppo"):
         assert config.model.path == "/tmp/qs_wd/sft/hf"  # every later stage starts from the SFT export
     if stage == "ppo":

@@ -159,7 +159,7 @@ def test_reward_functions_resolve_from_config_strings():
 def hf_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(reviews.tokenizer_path())
+    return AutoTokenizer.from_pretrained(tokenizer.tokenizer_path())
 
 
 def test_tokenizer_special_ids_and_loading(hf_tokenizer):
@@ -198,7 +198,7 @@ def test_tokenizer_round_trips_every_task_text(hf_tokenizer):
 
 
 def test_shipped_tokenizer_matches_a_fresh_build(tmp_path):
-    built = reviews.build_tokenizer(tmp_path / "tok")
+    built = tokenizer.build_tokenizer(tmp_path / "tok")
     fresh = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
     with open(tokenizer.tokenizer_path() + "/tokenizer.json", encoding="utf-8") as f:
         shipped = json.load(f)

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from jaxrlhf import config_defaults as d
-from jaxrlhf import models
+from jaxrlhf import models, registry
 from jaxrlhf.sharding import make_mesh, shard_batch
-from jaxrlhf.trainer import algorithms, loop
+from jaxrlhf.trainer import setup
 from jaxrlhf.trainer.optim import make_optimizer
 from jaxrlhf.trainer.step import make_train_step, split_micro_batches
 
@@ -61,9 +61,10 @@ def _pref_batch(seed=0):
 
 def _run_one_step(config, batch, micro_batches=1, steps=1):
     mesh = make_mesh(config.mesh)
-    head = "scalar" if config.algorithm == "reward" else None
-    graphdef, params, _ = loop.load_model(config, config.model, mesh, head=head)
-    loss_fn, denoms, uses_ref = algorithms.build(config, graphdef)
+    algorithm = registry.get(config.algorithm)
+    graphdef, params, _ = setup.load_model(config, config.model, mesh, head=algorithm.head)
+    loss_fn, denoms = algorithm.build_loss(config, graphdef)
+    uses_ref = algorithm.uses_reference
     tx, _ = make_optimizer(config.optim, 10)
     step_fn = make_train_step(
         loss_fn,
@@ -72,9 +73,9 @@ def _run_one_step(config, batch, micro_batches=1, steps=1):
         num_micro_batches=micro_batches,
         ema_decay=config.ref.ema_decay if uses_ref else 1.0,
     )
-    shardings = loop.state_shardings(tx, params, mesh, with_ref=uses_ref)
-    state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
-    step = loop.jit_step(step_fn, shardings, mesh)
+    ref_of = setup.whole if uses_ref else setup.no_reference
+    state, shardings = setup.make_state(tx, params, mesh, ref_of=ref_of, seed=0)
+    step = setup.jit_step(step_fn, shardings, mesh)
     for _ in range(steps):
         state, metrics = step(state, shard_batch(mesh, batch))
     return jax.device_get(state), jax.device_get(metrics), shardings
@@ -203,8 +204,8 @@ def test_reference_hard_reset_every_n_steps():
 def test_step_traces_once_for_a_repeated_shape():
     config = _config("sft")
     mesh = make_mesh(config.mesh)
-    graphdef, params, _ = loop.load_model(config, config.model, mesh)
-    loss_fn, denoms, _ = algorithms.build(config, graphdef)
+    graphdef, params, _ = setup.load_model(config, config.model, mesh)
+    loss_fn, denoms = registry.get("sft").build_loss(config, graphdef)
     tx, _ = make_optimizer(config.optim, 10)
     traces = []
 
@@ -212,9 +213,8 @@ def test_step_traces_once_for_a_repeated_shape():
         traces.append(1)
         return make_train_step(loss_fn, denoms, tx)(state, batch)
 
-    shardings = loop.state_shardings(tx, params, mesh, with_ref=False)
-    state = loop.create_state(tx, params, shardings, with_ref=False, seed=0)
-    step = loop.jit_step(counted, shardings, mesh)
+    state, shardings = setup.make_state(tx, params, mesh, seed=0)
+    step = setup.jit_step(counted, shardings, mesh)
     rng = np.random.default_rng(0)
     for _ in range(3):
         state, _ = step(state, shard_batch(mesh, _seq(rng)))
@@ -227,9 +227,9 @@ def test_opt_state_sharded_like_params():
     config.mesh = dict(data=2, fsdp=4, tensor=1)
     config.optim = d.optim(name="adamw")
     mesh = make_mesh(config.mesh)
-    _, params, _ = loop.load_model(config, config.model, mesh)
+    _, params, _ = setup.load_model(config, config.model, mesh)
     tx, _ = make_optimizer(config.optim, 10)
-    sh = loop.state_shardings(tx, params, mesh, with_ref=False)
+    _, sh = setup.make_state(tx, params, mesh, seed=0)
     by_path = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh.params)}
     moments = [
         (jax.tree_util.keystr(p), s.spec)
@@ -248,7 +248,7 @@ def test_params_created_sharded_not_replicated():
     config = _config("sft")
     config.mesh = dict(data=1, fsdp=8, tensor=1)
     mesh = make_mesh(config.mesh)
-    _, params, _ = loop.load_model(config, config.model, mesh)
+    _, params, _ = setup.load_model(config, config.model, mesh)
     embed = [x for p, x in jax.tree_util.tree_leaves_with_path(params) if "embed" in jax.tree_util.keystr(p)][
         0
     ]

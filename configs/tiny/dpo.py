@@ -7,16 +7,23 @@ Expected result: 20 steps in well under a minute on 2 CPU cores; dpo_loss falls 
 rewards/accuracy rises above 0.5.
 """
 
+import os
+
 from jaxrlhf import config_defaults as d
+
+# tests/fixtures of the checkout, found from this file: the config runs from any working directory.
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/fixtures"))
 
 
 def get_config():
     c = d.base("dpo")
     c.model = d.model(**d.TINY_LLAMA)
     c.model.dtype = "float32"
-    c.tokenizer = "tests/fixtures/tokenizers/char_pad_eos"
+    c.tokenizer = os.path.join(FIXTURES, "tokenizers/char_pad_eos")
     c.data = d.data(
-        path="tests/fixtures/data/pref_prompt_chosen_rejected.jsonl", max_prompt_length=48, max_length=160
+        path=os.path.join(FIXTURES, "data/pref_prompt_chosen_rejected.jsonl"),
+        max_prompt_length=48,
+        max_length=160,
     )
     c.batch_size = 4
     c.total_steps = 20

@@ -6,16 +6,24 @@ Command:
 Expected result: 3 rounds in under a minute on 2 CPU cores; each round logs its pairs and DPO metrics.
 """
 
+import os
+
 from jaxrlhf import config_defaults as d
+
+# tests/fixtures of the checkout, found from this file: the config runs from any working directory.
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/fixtures"))
 
 
 def get_config():
     c = d.base("dpo_iter")
     c.model = d.model(**d.TINY_LLAMA_WORDS)
     c.model.dtype = "float32"
-    c.tokenizer = "jaxrlhf/tasks/assets/reviews_tokenizer"
+    c.tokenizer = d.asset("tasks/assets/reviews_tokenizer")  # found from the installed package
     c.data = d.data(
-        path="tests/fixtures/data/review_prompts.jsonl", max_prompt_length=8, max_length=32, bucket=False
+        path=os.path.join(FIXTURES, "data/review_prompts.jsonl"),
+        max_prompt_length=8,
+        max_length=32,
+        bucket=False,
     )
     c.reward = d.reward(fn="jaxrlhf.tasks.reviews:reward", shaping=False, missing_eos_penalty=0.0)
     c.ref = d.ref(ema_decay=1.0)

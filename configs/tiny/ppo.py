@@ -7,16 +7,24 @@ Expected result: 4 iterations in about a minute on 2 CPU cores, logging every PP
 train/first_minibatch_ratio_max_dev ~0 (the ratio-is-1 check).
 """
 
+import os
+
 from jaxrlhf import config_defaults as d
+
+# tests/fixtures of the checkout, found from this file: the config runs from any working directory.
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/fixtures"))
 
 
 def get_config():
     c = d.base("ppo")
     c.model = d.model(**d.TINY_LLAMA_WORDS)
     c.model.dtype = "float32"
-    c.tokenizer = "jaxrlhf/tasks/assets/reviews_tokenizer"
+    c.tokenizer = d.asset("tasks/assets/reviews_tokenizer")  # found from the installed package
     c.data = d.data(
-        path="tests/fixtures/data/review_prompts.jsonl", max_prompt_length=8, max_length=32, bucket=False
+        path=os.path.join(FIXTURES, "data/review_prompts.jsonl"),
+        max_prompt_length=8,
+        max_length=32,
+        bucket=False,
     )
     c.critic = dict(
         model=d.model(**d.TINY_LLAMA_WORDS), optim=d.optim(lr=1e-3, warmup_steps=0, schedule="constant")

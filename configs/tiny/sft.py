@@ -6,16 +6,21 @@ Command:
 Expected result: runs 20 steps in well under a minute on 2 CPU cores; the NLL falls from ~4.6.
 """
 
+import os
+
 from jaxrlhf import config_defaults as d
+
+# tests/fixtures of the checkout, found from this file: the config runs from any working directory.
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/fixtures"))
 
 
 def get_config():
     c = d.base("sft")
     c.model = d.model(**d.TINY_LLAMA)
     c.model.dtype = "float32"
-    c.tokenizer = "tests/fixtures/tokenizers/char_pad_eos"
+    c.tokenizer = os.path.join(FIXTURES, "tokenizers/char_pad_eos")
     c.data = d.data(
-        path="tests/fixtures/data/sft_prompt_completion.jsonl", max_prompt_length=48, max_length=160
+        path=os.path.join(FIXTURES, "data/sft_prompt_completion.jsonl"), max_prompt_length=48, max_length=160
     )
     c.batch_size = 8
     c.total_steps = 20

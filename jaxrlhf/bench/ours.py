@@ -27,12 +27,11 @@ import numpy as np
 
 from jaxrlhf import config_defaults as d
 from jaxrlhf import data as data_lib
+from jaxrlhf import registry
 from jaxrlhf.bench import results
 from jaxrlhf.bench import workload as wl
-from jaxrlhf.sharding import shard_batch
-from jaxrlhf.trainer import algorithms, loop
-from jaxrlhf.trainer.optim import make_optimizer
-from jaxrlhf.trainer.step import make_train_step
+from jaxrlhf.sharding import make_mesh, shard_batch
+from jaxrlhf.trainer import setup as setup_lib
 
 
 def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int, packing: bool = True):
@@ -60,9 +59,7 @@ def build_config(task: str, w: wl.Workload, paths: dict, pad_multiple: int, pack
     )  # fmt: skip
     if task == "dpo":
         c.ref = d.ref(ema_decay=1.0)
-        c.dpo = dict(beta=w.beta, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
-    else:
-        c.reward = dict(use_margin=False)
+        c.dpo = d.dpo(beta=w.beta)
     return c
 
 
@@ -73,7 +70,7 @@ def setup(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int = 
     """
     w, paths, rows = wl.load(workdir)
     c = build_config(task, w, paths, pad_multiple, packing)
-    mesh = loop.make_mesh(c.mesh)
+    mesh = make_mesh(c.mesh)
     tok = data_lib.load_tokenizer(c.tokenizer)
     ds = data_lib.build_dataset(c.data, tok, "preference", "train")
 
@@ -82,13 +79,8 @@ def setup(task: str, workdir: str, steps: int, warmup: int, pad_multiple: int = 
             ds, w.batch_size, shuffle=False, bucket=False, pad_to_multiple_of=pad_multiple, packing=packing
         )
 
-    graphdef, params, _ = loop.load_model(c, c.model, mesh, head="scalar" if task == "reward" else None)
-    loss_fn, denoms, uses_ref = algorithms.build(c, graphdef)
-    tx, _ = make_optimizer(c.optim, steps + warmup)
-    step_fn = make_train_step(loss_fn, denoms, tx)
-    shardings = loop.state_shardings(tx, params, mesh, with_ref=uses_ref)
-    state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
-    return w, rows, iterator, state, loop.jit_step(step_fn, shardings, mesh), mesh
+    t = setup_lib.build_offline(c, registry.get(task), mesh, total_steps=steps + warmup)
+    return w, rows, iterator, t.state, t.step, mesh
 
 
 def run(

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import config_defaults as d
-from jaxrlhf import generation, models
+from jaxrlhf import generation, models, registry
+from jaxrlhf.algorithms import ppo
 from jaxrlhf.sharding import make_mesh, shard_batch
-from jaxrlhf.trainer import algorithms, loop
+from jaxrlhf.trainer import setup
 from jaxrlhf.trainer.optim import make_optimizer
-from jaxrlhf.trainer.step import make_train_step
 
 # Dense peak FLOP/s (bf16 unless noted) and HBM bandwidth (bytes/s) per chip.
 PEAKS = {
@@ -129,20 +129,10 @@ def bench_train_step(algo: str, cfg_model, a, mesh, peak, rng) -> dict[str, Any]
     c.model = cfg_model
     c.optim = d.optim(lr=1e-5, warmup_steps=0, schedule="constant")
     c.micro_batches = a.micro_batches
-    if algo == "dpo":
-        c.ref = d.ref()
-        c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
-    if algo == "reward":
-        c.reward = dict(use_margin=False)
-    head = "scalar" if algo == "reward" else None
-    graphdef, params, mcfg = loop.load_model(c, c.model, mesh, head=head)
-    loss_fn, denoms, uses_ref = algorithms.build(c, graphdef)
-    tx, _ = make_optimizer(c.optim, 100)
-    shardings = loop.state_shardings(tx, params, mesh, with_ref=uses_ref)
-    state = loop.create_state(tx, params, shardings, with_ref=uses_ref, seed=0)
-    step = loop.jit_step(
-        make_train_step(loss_fn, denoms, tx, num_micro_batches=a.micro_batches), shardings, mesh
-    )
+    c.batch_size = a.batch
+    c.ref = d.ref()
+    t = setup.build_offline(c, registry.get(algo), mesh, total_steps=100)
+    step, state, mcfg = t.step, t.state, t.model_config
     if algo == "sft":
         host = synthetic_sequences(rng, a.batch, a.seq, mcfg.vocab_size)
     else:
@@ -181,36 +171,33 @@ def time_train_step(name, step, state, host, mesh, a, peak, flops_per_token) -> 
 
 
 def bench_ppo_update(cfg_model, a, mesh, peak, rng) -> dict[str, Any]:
-    """One PPO minibatch update (``jaxrlhf.ppo.ppo_losses``: actor and critic forward + backward,
-    clipped policy and value losses, AdamW) on a synthetic rollout of ``a.batch`` sequences."""
+    """One PPO minibatch update (``jaxrlhf.algorithms.ppo.ppo_losses``: actor and critic forward +
+    backward, clipped policy and value losses, AdamW) on a synthetic rollout of ``a.batch`` sequences."""
     import functools
 
-    from jaxrlhf import ppo
-
     c = d.base("ppo")
-    c.ppo = d.ppo()
-    actor_gd, actor_params, mcfg = loop.load_model(c, cfg_model, mesh)
-    critic_gd, critic_params, ccfg = loop.load_model(c, cfg_model, mesh, head="scalar")
+    c.micro_batches = a.micro_batches
+    actor_gd, actor_params, mcfg = setup.load_model(c, cfg_model, mesh)
+    critic_gd, critic_params, ccfg = setup.load_model(c, cfg_model, mesh, head="scalar")
     params = {"actor": actor_params, "critic": critic_params}
     tx, _ = make_optimizer(d.optim(lr=1e-5, warmup_steps=0, schedule="constant"), 100)
-    loss_fn = functools.partial(ppo.ppo_losses, graphdefs=(actor_gd, critic_gd), cfg=c.ppo)
-    step_fn = make_train_step(loss_fn, ppo.token_denominators, tx, num_micro_batches=a.micro_batches)
-    shardings = loop.state_shardings(tx, params, mesh, with_ref=False)
-    state = loop.create_state(tx, params, shardings, with_ref=False, seed=0)
-    step = loop.jit_step(step_fn, shardings, mesh)
+    loss_fn = functools.partial(
+        ppo.ppo_losses, graphdefs=(actor_gd, critic_gd), cfg=c.ppo, kl_coef=jnp.float32(0.05)
+    )
+    state, shardings = setup.make_state(tx, params, mesh, seed=0)
+    step = setup.jit_step(setup.train_step_fn(c, loss_fn, ppo.token_denominators, tx), shardings, mesh)
     host = synthetic_sequences(rng, a.batch, a.seq, mcfg.vocab_size)
     act = host["loss_mask"][:, 1:].astype(np.float32)
     for k, scale in (("old_logprobs", -2.0), ("ref_logprobs", -2.0), ("old_values", 0.5), ("returns", 1.0)):
         host[k] = (scale * rng.random((a.batch, a.seq - 1)) * act).astype(np.float32)
     host["advantages"] = (rng.normal(size=(a.batch, a.seq - 1)) * act).astype(np.float32)
-    host["kl_coef"] = np.full((a.batch,), 0.05, np.float32)
     flops_per_token = models.flops_per_token(mcfg, a.seq) + models.flops_per_token(ccfg, a.seq)
     return time_train_step("ppo_update", step, state, host, mesh, a, peak, flops_per_token)
 
 
 def bench_sampler(cfg_model, a, mesh, peak, rng, batch: int) -> dict[str, Any]:
     c = d.base("sft")
-    graphdef, params, mcfg = loop.load_model(c, cfg_model, mesh)
+    graphdef, params, mcfg = setup.load_model(c, cfg_model, mesh)
     p_len = a.seq // 4
     prompts = synthetic_sequences(rng, batch, p_len, mcfg.vocab_size, min_frac=0.75)
     # left-pad the prompts
@@ -252,7 +239,7 @@ def bench_ppo_iteration(a, tmp: str) -> dict[str, Any]:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        res = loop.run(c, tmp)
+        res = registry.run(c, tmp)
     finally:
         os.chdir(cwd)
     h = res["history"][a.warmup :]

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxrlhf.data import schemas
+import jaxrlhf.data.schemas as schemas
+from jaxrlhf.data.packing import pack_first_fit
 from jaxrlhf.data.sources import check_data_config, has_eval, load_rows, option
 
 log = logging.getLogger("jaxrlhf.data")
@@ -316,8 +317,6 @@ class PreferenceDataset(TokenizedDataset):
           ``l``-th row; ``per_mb_rows * T``, a slot no segment uses, for an index of -1),
           ``chosen_response_tokens`` int32 (predicted chosen tokens) and ``margin`` float32.
         """
-        from jaxrlhf.data.iterator import pack_first_fit
-
         B, num = len(indices), int(micro_batches)
         if B % num:
             raise ValueError(f"{B} pairs are not divisible into {num} micro-batches")

@@ -199,93 +199,10 @@ class ModelConfig:
             activation=_ACT_ALIASES[act],
         )
         if mt == "gpt2":
-            h = g("n_embd")
-            if g("scale_attn_by_inverse_layer_idx") or g("reorder_and_upcast_attn"):
-                raise ValueError(
-                    "gpt2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are unsupported"
-                )
-            if g("scale_attn_weights", True) is False:
-                raise ValueError("gpt2 scale_attn_weights=False is unsupported")
-            kw.update(
-                vocab_size=g("vocab_size"),
-                hidden_size=h,
-                num_layers=g("n_layer"),
-                num_heads=g("n_head"),
-                num_kv_heads=g("n_head"),
-                head_dim=h // g("n_head"),
-                intermediate_size=g("n_inner") or 4 * h,
-                norm="layer",
-                norm_eps=g("layer_norm_epsilon", 1e-5),
-                mlp="plain",
-                position="learned",
-                max_position_embeddings=g("n_positions", 1024),
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=g("tie_word_embeddings", True),
-            )
-            kw.update(overrides)
-            return cls(**kw)
-
-        rope = dict(g("rope_parameters") or {})
-        legacy = dict(g("rope_scaling") or {})
-        theta = rope.get("rope_theta", g("rope_theta", g("rotary_emb_base", 10000.0)))
-        rope_type = rope.get(
-            "rope_type", rope.get("type", legacy.get("rope_type", legacy.get("type", "default")))
-        )
-        scaling = {
-            k: v
-            for k, v in ({**legacy, **rope}).items()
-            if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")
-        }
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
-        partial = rope.get("partial_rotary_factor", g("partial_rotary_factor", g("rotary_pct", 1.0)))
-        nh = g("num_attention_heads")
-        kw.update(
-            vocab_size=g("vocab_size"),
-            hidden_size=g("hidden_size"),
-            num_layers=g("num_hidden_layers"),
-            num_heads=nh,
-            num_kv_heads=g("num_key_value_heads") or nh,
-            head_dim=g("head_dim") or g("hidden_size") // nh,
-            intermediate_size=g("intermediate_size"),
-            max_position_embeddings=g("max_position_embeddings", 2048),
-            rope_theta=float(theta),
-            rope_type=rope_type,
-            rope_scaling=tuple(sorted(scaling.items())) if rope_type != "default" else (),
-            partial_rotary_factor=float(partial),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-        )
-        if mt == "gpt_neox":
-            kw.update(
-                norm="layer",
-                norm_eps=g("layer_norm_eps", 1e-5),
-                mlp="plain",
-                qkv_bias=g("attention_bias", True),
-                o_bias=g("attention_bias", True),
-                mlp_bias=True,
-                parallel_residual=g("use_parallel_residual", True),
-            )
+            kw.update(_gpt2_kwargs(g))
         else:
-            kw.update(norm="rms", norm_eps=g("rms_norm_eps", 1e-6), mlp="gated")
-            if mt == "qwen2":
-                kw.update(qkv_bias=True)
-            else:
-                kw.update(qkv_bias=bool(g("attention_bias", False)), o_bias=bool(g("attention_bias", False)))
-            if mt == "llama":
-                kw.update(mlp_bias=bool(g("mlp_bias", False)))
-            if mt == "qwen3":
-                kw.update(qk_norm=True)
-            if mt == "mistral" and g("sliding_window") is not None:
-                kw.update(sliding_window=int(g("sliding_window")))
-            if mt in ("qwen2", "qwen3") and g("use_sliding_window") and g("sliding_window"):
-                n = kw["num_layers"]
-                types = g("layer_types") or [
-                    "sliding_attention" if i >= g("max_window_layers", n) else "full_attention"
-                    for i in range(n)
-                ]
-                kw.update(sliding_window=int(g("sliding_window")), layer_types=tuple(types))
+            kw.update(_rotary_kwargs(g))
+            kw.update(_family_kwargs(mt, g, kw["num_layers"]))
         kw.update(overrides)
         return cls(**kw)
 
@@ -404,3 +321,100 @@ PRESETS: dict[str, dict[str, Any]] = {
         parallel_residual=True,
     ),
 }
+
+
+def _gpt2_kwargs(g) -> dict[str, Any]:
+    """``ModelConfig`` fields of a GPT-2 ``config.json`` (``g`` = its ``dict.get``)."""
+    h = g("n_embd")
+    if g("scale_attn_by_inverse_layer_idx") or g("reorder_and_upcast_attn"):
+        raise ValueError(
+            "gpt2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are unsupported"
+        )
+    if g("scale_attn_weights", True) is False:
+        raise ValueError("gpt2 scale_attn_weights=False is unsupported")
+    return dict(
+        vocab_size=g("vocab_size"),
+        hidden_size=h,
+        num_layers=g("n_layer"),
+        num_heads=g("n_head"),
+        num_kv_heads=g("n_head"),
+        head_dim=h // g("n_head"),
+        intermediate_size=g("n_inner") or 4 * h,
+        norm="layer",
+        norm_eps=g("layer_norm_epsilon", 1e-5),
+        mlp="plain",
+        position="learned",
+        max_position_embeddings=g("n_positions", 1024),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=g("tie_word_embeddings", True),
+    )
+
+
+def _rotary_kwargs(g) -> dict[str, Any]:
+    """Sizes and rotary-embedding fields of a Llama-style / GPT-NeoX ``config.json``."""
+    rope = dict(g("rope_parameters") or {})
+    legacy = dict(g("rope_scaling") or {})
+    theta = rope.get("rope_theta", g("rope_theta", g("rotary_emb_base", 10000.0)))
+    rope_type = rope.get(
+        "rope_type", rope.get("type", legacy.get("rope_type", legacy.get("type", "default")))
+    )
+    scaling = {
+        k: v
+        for k, v in ({**legacy, **rope}).items()
+        if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+    }
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+    partial = rope.get("partial_rotary_factor", g("partial_rotary_factor", g("rotary_pct", 1.0)))
+    nh = g("num_attention_heads")
+    return dict(
+        vocab_size=g("vocab_size"),
+        hidden_size=g("hidden_size"),
+        num_layers=g("num_hidden_layers"),
+        num_heads=nh,
+        num_kv_heads=g("num_key_value_heads") or nh,
+        head_dim=g("head_dim") or g("hidden_size") // nh,
+        intermediate_size=g("intermediate_size"),
+        max_position_embeddings=g("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_scaling=tuple(sorted(scaling.items())) if rope_type != "default" else (),
+        partial_rotary_factor=float(partial),
+        tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+    )
+
+
+def _family_kwargs(mt: str, g, num_layers: int) -> dict[str, Any]:
+    """Norm, MLP, bias and attention-window fields of the rotary families."""
+    kw: dict[str, Any] = {}
+    if mt == "gpt_neox":
+        kw.update(
+            norm="layer",
+            norm_eps=g("layer_norm_eps", 1e-5),
+            mlp="plain",
+            qkv_bias=g("attention_bias", True),
+            o_bias=g("attention_bias", True),
+            mlp_bias=True,
+            parallel_residual=g("use_parallel_residual", True),
+        )
+    else:
+        kw.update(norm="rms", norm_eps=g("rms_norm_eps", 1e-6), mlp="gated")
+        if mt == "qwen2":
+            kw.update(qkv_bias=True)
+        else:
+            kw.update(qkv_bias=bool(g("attention_bias", False)), o_bias=bool(g("attention_bias", False)))
+        if mt == "llama":
+            kw.update(mlp_bias=bool(g("mlp_bias", False)))
+        if mt == "qwen3":
+            kw.update(qk_norm=True)
+        if mt == "mistral" and g("sliding_window") is not None:
+            kw.update(sliding_window=int(g("sliding_window")))
+        if mt in ("qwen2", "qwen3") and g("use_sliding_window") and g("sliding_window"):
+            n = num_layers
+            types = g("layer_types") or [
+                "sliding_attention" if i >= g("max_window_layers", n) else "full_attention" for i in range(n)
+            ]
+            kw.update(sliding_window=int(g("sliding_window")), layer_types=tuple(types))
+    return kw

@@ -70,9 +70,11 @@ _PHRASE_RE = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|^\s*answer\s*:|^\s*a\s*:)\s*(?P<body>[^\n]*)",
     re.IGNORECASE | re.MULTILINE,
 )
-_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]{1,64})\}\{([^{}]{1,64})\}")
+_BRACE_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|\{|\}")
 _CONTINUATION_RE = re.compile(r"\n\s*(?:Question|Q)\s*:", re.IGNORECASE)
 _ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
+_MAX_DIGITS = 100  # longer digit runs (a model repeating "3333...") are not read as numbers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +86,8 @@ def _to_fraction(m: re.Match) -> Fraction | None:
     """The value of a ``_NUMBER_RE`` match, or None when it holds no digits."""
     whole, dec, den = m.group("int"), m.group("dec"), m.group("den")
     if whole is None and dec is None:
+        return None
+    if sum(len(g or "") for g in (whole, dec, den)) > _MAX_DIGITS:  # degenerate output, not an answer
         return None
     value = Fraction((whole or "0").replace(",", "") + (dec or ""))
     if den is not None:
@@ -112,15 +116,17 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def _boxed(text: str) -> list[str]:
-    r"""Contents of every ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, braces balanced."""
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            out.append(text[m.end() : i - 1])
+    r"""Contents of every ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, braces balanced, in the
+    order they close (one pass: linear in the text, whatever its braces)."""
+    out, stack = [], []  # stack: (content start, is_boxed) per open brace
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "}":
+            if stack:
+                start, boxed = stack.pop()
+                if boxed:
+                    out.append(text[start : m.start()])
+        else:
+            stack.append((m.end(), m.group() != "{"))
     return out
 
 

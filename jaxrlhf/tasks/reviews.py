@@ -48,12 +48,12 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from jaxrlhf.tasks import common
+import jaxrlhf.tasks.common as common
 from jaxrlhf.tasks.common import UNK, best_worst_pairs, write_preference_jsonl
 
 __all__ = [
-    "best_worst_pairs", "build_tokenizer", "generate_reviews", "gold_details", "gold_score", "gold_scores",
-    "make_sft_examples", "review_prompts", "reward", "tokenizer_path", "vocabulary", "write_preference_jsonl",
+    "best_worst_pairs", "generate_reviews", "gold_details", "gold_score", "gold_scores",
+    "make_sft_examples", "review_prompts", "reward", "vocabulary", "write_preference_jsonl",
     "write_prompts_jsonl", "write_sft_jsonl",
 ]  # fmt: skip
 
@@ -553,17 +553,3 @@ def write_prompts_jsonl(path: str | os.PathLike, n: int, seed: int = 0) -> int:
     """Writes ``review_prompts(n, seed)`` as ``{"prompt"}`` JSON lines (no reference fields: the reward
     is ``reward``). Returns the number of rows."""
     return common.write_jsonl(path, ({"prompt": p} for p in review_prompts(n, seed)))
-
-
-def build_tokenizer(out_dir: str | os.PathLike | None = None):
-    """The shared word-level tokenizer of both embedded tasks; see ``jaxrlhf.tasks.tokenizer``."""
-    from jaxrlhf.tasks import tokenizer
-
-    return tokenizer.build_tokenizer(out_dir)
-
-
-def tokenizer_path() -> str:
-    """Directory of the shipped tokenizer (``AutoTokenizer.from_pretrained(tokenizer_path())``)."""
-    from jaxrlhf.tasks import tokenizer
-
-    return tokenizer.tokenizer_path()

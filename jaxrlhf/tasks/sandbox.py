@@ -308,7 +308,7 @@ def _default_python(as_other_user: bool) -> str:
     )
 
 
-_ISOLATION: dict[tuple, str] = {}
+_ISOLATION: dict[tuple, tuple[str, str]] = {}
 _ISOLATION_LOCK = threading.Lock()
 _UIDS_IN_USE: set[int] = set()
 _UIDS_LOCK = threading.Lock()

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 
-from jaxrlhf.tasks import reviews, verifiable
+import jaxrlhf.tasks.reviews as reviews
+import jaxrlhf.tasks.verifiable as verifiable
 from jaxrlhf.tasks.common import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "reviews_tokenizer")

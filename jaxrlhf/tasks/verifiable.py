@@ -44,7 +44,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from jaxrlhf.tasks import common
+import jaxrlhf.tasks.common as common
 from jaxrlhf.tasks.common import best_worst_pairs, write_preference_jsonl
 
 __all__ = [

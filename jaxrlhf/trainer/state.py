@@ -22,6 +22,8 @@ class TrainState:
       rng: a PRNG key, split inside the step.
       skipped: int32 scalar, number of steps skipped for a non-finite loss or gradient.
       consecutive_skips: int32 scalar, skips in a row (reset by a finite step).
+      frozen: parameters the step reads but never updates (LoRA: the base model; ``jaxrlhf.lora``),
+        or ``None``. Not in the optimizer, not checkpointed (the harness reloads it from the base).
     """
 
     step: jax.Array
@@ -31,6 +33,7 @@ class TrainState:
     rng: jax.Array
     skipped: jax.Array
     consecutive_skips: jax.Array
+    frozen: Any = None
 
 
 def create(params: Any, tx, *, ref_params: Any = None, rng: jax.Array) -> TrainState:

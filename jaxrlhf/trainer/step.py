@@ -81,6 +81,7 @@ def make_train_step(
     ema_decay: float = 1.0,
     ref_reset_every: int = 0,
     ref_of: Callable[[Any], Any] = lambda params: params,
+    views: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None,
 ):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with shardings and donation.
 
@@ -90,13 +91,24 @@ def make_train_step(
     (1.0: frozen) after each finite update, and is reset to the policy every ``ref_reset_every``
     steps when that is positive. ``ref_of(params)`` selects the subtree the reference mirrors
     (PPO trains ``{"actor", "critic"}`` and keeps a reference of the actor only).
+
+    ``views(params, ref_params, frozen) -> (params, ref_params)`` gives what the loss sees when the
+    state has a frozen part (LoRA: the base with the adapters merged in, ``jaxrlhf.lora``);
+    gradients, the optimizer and the reference then cover the trainable ``params`` only.
     """
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
         denoms = denominators(batch)
+        fn = loss_fn
+        if views is not None and state.frozen is not None:
+            frozen = jax.lax.stop_gradient(state.frozen)
+
+            def fn(params, ref_params, mb, denoms, r):
+                return loss_fn(*views(params, ref_params, frozen), mb, denoms, r)
+
         loss, metrics, grads = accumulate_gradients(
-            loss_fn, state.params, state.ref_params, batch, denoms, step_rng, num_micro_batches
+            fn, state.params, state.ref_params, batch, denoms, step_rng, num_micro_batches
         )
         finite = jnp.isfinite(loss) & tree_all_finite(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,8 +1,8 @@
 r"""E3: distribution shift - DPO on another model's samples vs on its own, and the remedies.
 
-    python configs/experiments/e3_shift.py --seeds=3 --out=docs/results/e3 [--size=mini|smoke]
+    python -m jaxrlhf.experiments.e3_shift --seeds=3 --out=docs/results/e3 [--size=mini|smoke]
 
-Per seed (sizes and stage outputs shared with E2, ``configs/experiments/e2_frontier.py``):
+Per seed (sizes and stage outputs shared with E2, ``jaxrlhf.experiments.e2_frontier``):
 
   model A   the quickstart SFT model (the policy's starting point and the DPO reference);
   model B   a second SFT model, another seed (``seed + 100``) and another data mix
@@ -28,29 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
-# Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from jaxrlhf import quickstart as q  # noqa: E402
-
-
-def _load_e2():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2_frontier.py")
-    spec = importlib.util.spec_from_file_location("e2_frontier", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("e2_frontier", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-e2 = _load_e2()
+from jaxrlhf import quickstart as q
+from jaxrlhf.experiments import e2_frontier as e2
 
 OTHER_MIX = (0.2, 0.2, 0.6)  # model B: mostly mixed reviews (A: 0.4, 0.4, 0.2)
 OTHER_SEED_OFFSET = 100

@@ -1,6 +1,6 @@
 r"""E2: PPO vs DPO vs DPO-Iter on synthetic reviews - gold reward at matched KL, win rate vs SFT.
 
-    python configs/experiments/e2_frontier.py --seeds=3 --out=docs/results/e2 [--size=mini|smoke]
+    python -m jaxrlhf.experiments.e2_frontier --seeds=3 --out=docs/results/e2 [--size=mini|smoke]
 
 Per seed, the quickstart pipeline (``jaxrlhf.quickstart``: data, SFT, best/worst pairs, reward model,
 DPO, PPO) runs at a reduced size (``SIZES["mini"]`` below, to fit 3 seeds in ~15 min on 2 CPU cores),
@@ -25,14 +25,12 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Any
 
 # Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from jaxrlhf import config_defaults as d  # noqa: E402
-from jaxrlhf import quickstart as q  # noqa: E402
+from jaxrlhf import config_defaults as d
+from jaxrlhf import quickstart as q
 
 # Sizes: "mini" keeps the quickstart's model (64-wide, 2-layer Llama) but trains ~1/4 as long, so
 # that E2 and E3 with 3 seeds each fit ~15 min on 2 shared CPU cores (the quickstart's "full" size
@@ -109,13 +107,13 @@ def base_stages(size_name: str, p: q.Paths, stages=("data", "sft", "pairs", "rew
 
 
 def train(config, stage_dir: str) -> str:
-    """``loop.run(config, stage_dir)`` unless its HF export exists; returns the export directory."""
-    from jaxrlhf.trainer import loop
+    """``registry.run(config, stage_dir)`` unless its HF export exists; returns the export directory."""
+    from jaxrlhf import registry
 
     export = os.path.join(stage_dir, "hf")
     if not os.path.exists(os.path.join(export, "config.json")):
         t0 = time.perf_counter()
-        result = loop.run(config, stage_dir)
+        result = registry.run(config, stage_dir)
         if result.get("interrupted"):
             raise KeyboardInterrupt(f"{stage_dir}: stopped by a signal; rerun to resume")
         print(f"  [{stage_dir}]: {time.perf_counter() - t0:.1f}s", flush=True)

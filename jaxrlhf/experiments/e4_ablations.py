@@ -15,7 +15,7 @@ Every policy is judged on the quickstart's held-out prompts by the gold scorer
 (``jaxrlhf.quickstart.compare_policies``): gold reward, KL(policy || SFT) and win rate vs SFT.
 
 Command (2 CPU cores; see docs/experiments_e4_e5.md for the measured wall time):
-  python configs/experiments/e4_ablations.py --seeds=3 --out=docs/results/e4
+  python -m jaxrlhf.experiments.e4_ablations --seeds=3 --out=docs/results/e4
 
 Writes ``table.md``, ``results.json`` and ``reward_vs_kl.png`` to ``--out``; intermediate runs live
 in ``--workdir`` (default ``workdirs/e4``; finished runs are reused). ``--smoke`` runs toy sizes.
@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
 import numpy as np
 
 # Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from jaxrlhf import quickstart as q  # noqa: E402
+from jaxrlhf import quickstart as q
 
 # Quickstart sizes, shrunk so that the full experiment (3 seeds x 4 variants) fits ~15 min on 2 cores.
 SIZES = {
@@ -99,7 +97,7 @@ def run(
     variants: tuple[str, ...] = tuple(VARIANTS),
     train_only: bool = False,
 ) -> dict:
-    from jaxrlhf.trainer import loop
+    from jaxrlhf import registry
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -125,7 +123,7 @@ def run(
             }
             if not os.path.exists(os.path.join(run_dir, "hf", "config.json")):
                 t0 = time.perf_counter()
-                result = loop.run(c, run_dir)
+                result = registry.run(c, run_dir)
                 hist = result.get("history") or [result.get("metrics", {})]
                 train_last[name] = q._floats(hist[-1])
                 print(f"[e4] ppo {name}: {time.perf_counter() - t0:.1f}s", flush=True)

@@ -6,7 +6,7 @@ policies that put almost all their mass on ``y3``; RLHF (a Bradley-Terry reward 
 KL-regularised objective that PPO optimises) has no reason to move mass to ``y3``.
 
 Command (2 CPU cores, about 12 s wall time):
-  python configs/experiments/e1_ood.py --seeds=5 --out=docs/results/e1
+  python -m jaxrlhf.experiments.e1_ood --seeds=5 --out=docs/results/e1
 
 Writes ``table.md``, ``results.json`` and ``pi_y3.png`` to ``--out``. ``--smoke`` runs a tiny size.
 
@@ -65,8 +65,7 @@ import numpy as np
 import optax
 
 # Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from jaxrlhf import losses  # noqa: E402
+from jaxrlhf import losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

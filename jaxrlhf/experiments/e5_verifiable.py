@@ -21,7 +21,7 @@ A stand-in for the code-competition experiments of Xu et al. 2024 (APPS / CodeCo
               KL to SFT.
 
 Command (2 CPU cores; see docs/experiments_e4_e5.md for the measured wall time):
-  python configs/experiments/e5_verifiable.py --seeds=3 --out=docs/results/e5
+  python -m jaxrlhf.experiments.e5_verifiable --seeds=3 --out=docs/results/e5
 
 Writes ``table.md``, ``results.json`` and ``pass_at_k.png`` to ``--out``; runs live in ``--workdir``
 (default ``workdirs/e5``; finished runs are reused). ``--smoke`` runs toy sizes.
@@ -31,19 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-# Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-from jaxrlhf import config_defaults as d  # noqa: E402
-from jaxrlhf import quickstart as q  # noqa: E402
+from jaxrlhf import config_defaults as d
+from jaxrlhf import quickstart as q
 
 REWARD_FN = "jaxrlhf.tasks.verifiable:reward"
 NOISE = 0.3  # fraction of SFT rows with a plausible wrong answer
@@ -136,15 +131,6 @@ def stage_pairs(s: q.Sizes, p: q.Paths, seed: int, out_path: str) -> dict:
     }
 
 
-def _load_tiny(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"tiny_{name}", os.path.join(ROOT, "configs", "tiny", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def dpo_config(size: str, p: q.Paths, seed: int, pairs: str):
     c = q.load_config("dpo", size, p.workdir)
     c.seed = seed
@@ -154,8 +140,10 @@ def dpo_config(size: str, p: q.Paths, seed: int, pairs: str):
 
 def dpo_iter_config(size: str, p: q.Paths, seed: int):
     s, x = q.SIZES[size], EXTRA[size]
-    c = _load_tiny("dpo_iter")
+    c = d.base("dpo_iter")
     c.seed = seed
+    c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device, whatever the host has
+    c.progress_bar = False
     c.model = d.model(p.sft_export)
     c.model.dtype = "float32"
     c.tokenizer = p.tokenizer
@@ -193,8 +181,7 @@ def eval_config(size: str, p: q.Paths):
 
 
 def run(size: str, seeds: int, workdir: str, out: str) -> dict:
-    from jaxrlhf import evaluate
-    from jaxrlhf.trainer import loop
+    from jaxrlhf import evaluate, registry
 
     q.SIZES.update(SIZES)
     s, x = q.SIZES[size], EXTRA[size]
@@ -223,7 +210,7 @@ def run(size: str, seeds: int, workdir: str, out: str) -> dict:
             run_dir = os.path.join(sd, name)
             if not os.path.exists(os.path.join(run_dir, "hf", "config.json")):
                 t0 = time.perf_counter()
-                result = loop.run(make(), run_dir)
+                result = registry.run(make(), run_dir)
                 hist = result.get("history") or [result.get("metrics", {})]
                 info[f"{name}/s{seed}"] = q._floats(hist[-1])
                 print(f"[e5] {name} seed {seed}: {time.perf_counter() - t0:.1f}s", flush=True)

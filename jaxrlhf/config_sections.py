@@ -1,0 +1,265 @@
+"""Config sections: the builders each ``configs/*.py`` and each algorithm's record use.
+
+No algorithm logic here and no import of an algorithm: ``jaxrlhf.config_defaults`` re-exports these
+builders beside ``base(algorithm)``, which asks the algorithm registry which sections to add.
+Every key is read by the code for the algorithms that include it (``tests/test_train_run.py``
+checks that no key of a shipped config goes unread).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxrlhf.data import default_data_config
+from jaxrlhf.lora import DEFAULT_FULL, DEFAULT_TARGETS
+
+
+def common(algorithm: str) -> ml_collections.ConfigDict:
+    """The keys every run has, whatever its algorithm."""
+    c = ml_collections.ConfigDict()
+    c.algorithm = algorithm
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 fills the remaining devices
+    c.partition_rules = ()  # () = the model's default rules; else ((regex, spec-tuple), ...)
+    c.tokenizer = ""
+    c.model = model()
+    c.data = data()
+    c.micro_batches = 1  # gradient accumulation: micro-batches per step (a lax.scan)
+    c.optim = optim()
+    c.lora = lora()
+    c.checkpoint = dict(every=500, keep=3, async_save=True)  # every: in the driver's unit (see README)
+    c.log_every = 10
+    c.progress_bar = True
+    c.max_consecutive_skips = 10  # non-finite updates in a row before the run stops with an error
+    c.export_hf = True  # write <workdir>/hf (config.json + safetensors) at the end
+    return c
+
+
+def offline_run_keys(c: ml_collections.ConfigDict) -> None:
+    """Run-length keys of the offline driver (SFT, reward model, DPO family)."""
+    c.batch_size = 64  # global, in sequences (pairs for reward/DPO) per optimizer step
+    c.total_steps = 1000
+    c.pad_to_multiple_of = 64  # batch lengths rounded up to this: few shapes, few compiles
+    c.eval_every = 0  # steps between evaluations on data.eval_split / data.eval_fraction; 0: none
+    c.eval_batches = 8  # batches per evaluation
+
+
+def batch_size_key(c: ml_collections.ConfigDict) -> None:
+    """DPO-Iter's update batch (pairs per DPO step)."""
+    c.batch_size = 64
+
+
+def model(path: str = "", family: str = "llama", **init) -> ml_collections.ConfigDict:
+    """``path``: HF-format dir or hub id; empty means random init of ``family`` with ``init`` overrides."""
+    m = ml_collections.ConfigDict()
+    m.path = path
+    if not path:
+        m.family = family
+        m.init = init
+    m.dtype = "bfloat16"  # activation / compute dtype
+    m.param_dtype = "float32"  # master weights
+    m.remat = False  # gradient checkpointing per block
+    return m
+
+
+def lora(**overrides) -> ml_collections.ConfigDict:
+    """LoRA adapters (``jaxrlhf.lora``, docs/lora.md): ``rank`` 0 = off (full fine-tuning).
+
+    ``targets``: regex over parameter paths of the kernels that get adapters (default: attention
+    and MLP projections); ``full``: regex of leaves trained in full (default: the scalar head);
+    ``alpha``: the adapters' scale is ``alpha / rank``; ``init``: ``A``'s init, "kaiming" or
+    "gaussian" (``B`` = 0, so step 0 is the base model exactly).
+    """
+    c = ml_collections.ConfigDict(
+        dict(rank=0, alpha=16.0, targets=DEFAULT_TARGETS, full=DEFAULT_FULL, init="kaiming")
+    )
+    c.update(overrides)
+    return c
+
+
+def data(**overrides) -> ml_collections.ConfigDict:
+    """``config.data``: the data pipeline's keys (``jaxrlhf.data.DATA_CONFIG_KEYS``, see docs/data.md)."""
+    return default_data_config(**overrides)
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-5,
+            schedule="cosine",
+            warmup_steps=10,
+            min_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.0,
+            no_decay=("bias", "norm", "embed"),
+            clip_norm=1.0,
+        )
+    )
+    o.update(overrides)
+    return o
+
+
+def ref(
+    ema_decay: float = 1.0, reset_every: int = 0, precompute: bool | None = None
+) -> ml_collections.ConfigDict:
+    """The reference policy: ``ema_decay`` 1.0 = frozen; < 1 = EMA of the actor (Xu et al. 2024).
+
+    ``precompute`` (offline DPO only; pass a bool to add the key): with a frozen reference,
+    compute the reference log-probs once over the dataset before training and drop the reference
+    from the train state (no reference forward per step, no reference parameters in memory).
+    """
+    r = ml_collections.ConfigDict(dict(ema_decay=ema_decay, reset_every=reset_every))
+    if precompute is not None:
+        r.precompute = precompute
+    return r
+
+
+TINY_LLAMA = dict(
+    vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+)
+
+
+def generation(**overrides) -> ml_collections.ConfigDict:
+    """Sampler settings (``jaxrlhf.generation``); ``reshard`` = decode in the generation layout."""
+    g = ml_collections.ConfigDict(
+        dict(max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, reshard=False)
+    )
+    g.update(overrides)
+    return g
+
+
+def reward(
+    fn: str = "", model_path: str = "", shaping: bool = True, **overrides
+) -> ml_collections.ConfigDict:
+    """The reward *source* of the rollout algorithms (PPO, GRPO, DPO-Iter, evaluation): a
+    programmatic reward ``fn`` ("package.module:function") or a reward model at ``model_path``.
+
+    (Training a reward model is ``algorithm="reward"``, configured by ``bradley_terry()``.)
+
+    ``shaping`` adds PPO's score normalisation and clipping keys (DPO-Iter only ranks scores).
+    """
+    r = ml_collections.ConfigDict()
+    r.fn = fn
+    if not fn:
+        r.model = model(model_path, **overrides.pop("init", {})) if model_path else overrides.pop("model")
+    r.missing_eos_penalty = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    if shaping:
+        r.normalize = True  # running mean/std normalisation of the score
+        r.clip = 5.0  # clip the (normalised) score to +-clip; 0 disables
+    r.update(overrides)
+    return r
+
+
+def dpo_ref() -> ml_collections.ConfigDict:
+    """The DPO family's default reference: frozen, evaluated in the step (``precompute`` off)."""
+    return ref(ema_decay=1.0, precompute=False)
+
+
+def ppo_ref() -> ml_collections.ConfigDict:
+    """PPO's default reference: the study's EMA reference (Xu et al. 2024), decay 0.99 per
+    optimizer step: pi_ref <- 0.99 pi_ref + 0.01 pi_actor."""
+    return ref(ema_decay=0.99)
+
+
+def ppo(**overrides) -> ml_collections.ConfigDict:
+    """The study's PPO recipe by default: rollout batch 512, advantage whitening, EMA reference."""
+    p = ml_collections.ConfigDict(
+        dict(
+            iterations=100,
+            rollout_batch_size=512,
+            minibatch_size=128,
+            epochs=1,
+            shuffle_minibatches=True,
+            clip_eps=0.2,
+            value_clip_eps=0.2,
+            vf_coef=0.5,
+            entropy_coef=0.0,
+            gamma=1.0,
+            lam=0.95,
+            whiten_advantages=True,
+            kl_mode="reward",  # "reward": per-token penalty in the reward; "loss": a KL loss term
+            kl_estimator="k1",
+            kl_coef=0.05,
+            adaptive_kl=False,
+            kl_target=6.0,
+            kl_horizon=10000,
+        )
+    )
+    p.update(overrides)
+    return p
+
+
+TINY_LLAMA_WORDS = dict(TINY_LLAMA, vocab_size=512)  # covers the shipped review/answer tokenizer
+
+
+def bradley_terry(**overrides) -> ml_collections.ConfigDict:
+    """Reward-model training (``algorithm="reward"``): ``use_margin`` subtracts the pair's margin
+    column inside the sigmoid (Llama-2's margin loss)."""
+    b = ml_collections.ConfigDict(dict(use_margin=False))
+    b.update(overrides)
+    return b
+
+
+def dpo(**overrides) -> ml_collections.ConfigDict:
+    """DPO (``loss_type`` sigmoid | ipo), conservative DPO (``label_smoothing`` > 0) and the extra-SFT
+    remedy (``nll_coef``: NLL of the chosen answers per chosen token, added to the loss)."""
+    p = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0))
+    p.update(overrides)
+    return p
+
+
+def simpo(**overrides) -> ml_collections.ConfigDict:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised log-probs, target margin ``gamma``."""
+    p = ml_collections.ConfigDict(dict(beta=2.0, gamma=0.5, nll_coef=0.0))
+    p.update(overrides)
+    return p
+
+
+def dpo_iter(**overrides) -> ml_collections.ConfigDict:
+    """Iterative DPO rounds: sample ``samples_per_prompt`` responses for ``prompts_per_round`` prompts,
+    pair best vs worst, take ``steps_per_round`` DPO steps; ``reset_reference``: on-policy reference."""
+    p = ml_collections.ConfigDict(
+        dict(rounds=10, prompts_per_round=64, samples_per_prompt=4, steps_per_round=8, reset_reference=True)
+    )
+    p.update(overrides)
+    return p
+
+
+def grpo(**overrides) -> ml_collections.ConfigDict:
+    """The critic-free family (``algorithm="grpo"``, ``jaxrlhf.algorithms.grpo``, docs/grpo.md).
+
+    Each iteration samples ``samples_per_prompt`` responses for ``prompts_per_iteration`` prompts;
+    ``estimator``: ``grpo`` (group-normalised), ``dr_grpo`` (group-centred), ``rloo``
+    (leave-one-out) or ``reinforce_pp`` (REINFORCE++: KL in the per-token reward, returns whitened
+    over the batch; ``gamma`` its discount). ``clip_eps_high`` (DAPO's clip-higher) defaults to
+    ``clip_eps`` (symmetric); ``ratio_level="sequence"`` is GSPO's length-normalised sequence ratio;
+    ``loss_agg`` ``token_mean | seq_mean | seq_sum_norm`` (Dr.GRPO's constant normaliser,
+    ``generation.max_new_tokens``); ``filter_equal_groups`` masks groups with all-equal rewards
+    out of the loss; ``kl_coef`` weighs the ``kl_estimator`` KL to ``config.ref`` (a loss term, or a
+    reward term for ``reinforce_pp``; 0 allowed).
+    """
+    p = ml_collections.ConfigDict(
+        dict(
+            iterations=100,
+            prompts_per_iteration=64,
+            samples_per_prompt=8,
+            minibatch_size=128,  # sequences per optimizer step
+            epochs=1,
+            shuffle_minibatches=True,
+            estimator="grpo",
+            clip_eps=0.2,
+            clip_eps_high=overrides.get("clip_eps", 0.2),
+            ratio_level="token",
+            loss_agg="token_mean",
+            filter_equal_groups=False,
+            kl_coef=0.0,
+            kl_estimator="k3",
+            entropy_coef=0.0,
+            gamma=1.0,
+        )
+    )
+    p.update(overrides)
+    return p

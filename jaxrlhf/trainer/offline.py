@@ -1,0 +1,120 @@
+"""The offline driver: SFT, reward models and the DPO family (any algorithm whose record has a
+``build_loss`` and ``data_kind`` "sft" or "preference").
+
+Read top to bottom: start -> mesh -> data -> setup (model, loss, optimizer, state, jitted step) ->
+resume -> loop (step, log, evaluate, checkpoint) -> export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrlhf import data as data_lib
+from jaxrlhf.sharding import activation_mesh, make_mesh, replicated, shard_batch
+from jaxrlhf.trainer import harness, setup
+from jaxrlhf.trainer.logger import mean_metrics
+
+
+def batch_token_counts(batch: dict) -> tuple[float, float]:
+    """(real, padded) token counts of this process's part of a batch."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    real = float(sum(np.sum(m) for m in masks))
+    padded = float(sum(m.size for m in masks))
+    return real, padded
+
+
+def run(config, workdir: str, algorithm) -> dict[str, Any]:
+    """Trains ``algorithm`` (an offline ``Algorithm`` record) in ``workdir``; returns the final
+    metrics, history and state."""
+    harness.start(config, algorithm)
+    run_ = harness.Run(config, workdir, algorithm, total=config.total_steps)
+
+    # ---------------- mesh, data ----------------
+    mesh = make_mesh(config.mesh)
+    logging_mesh(mesh)
+    tokenizer = data_lib.load_tokenizer(config.tokenizer)
+    train_it, eval_ds = setup.make_data(config, tokenizer, algorithm.data_kind, mesh)
+    eval_every, eval_batches = config.eval_every, config.eval_batches  # 0: no evaluation
+    if eval_every > 0 and eval_ds is None:
+        raise ValueError("config.eval_every > 0 but config.data has no eval_split or eval_fraction")
+
+    # ---------------- model, loss, optimizer, state, jitted step ----------------
+    prepare = None
+    if algorithm.prepare is not None:
+
+        def prepare(graphdef, params):
+            nonlocal eval_ds
+            eval_ds, uses_ref = algorithm.prepare(config, graphdef, params, train_it, eval_ds, mesh)
+            return uses_ref
+
+    t = setup.build_offline(config, algorithm, mesh, total_steps=config.total_steps, prepare=prepare)
+    eval_step = make_eval_step(t.loss_fn, t.denominators, mesh, t.views) if eval_ds is not None else None
+
+    # ---------------- resume, loop ----------------
+    state = t.state
+    with run_:
+        start, state, side = run_.restore(
+            state,
+            t.shardings,
+            {"data": train_it.get_state()},
+            check_side=lambda s: train_it.set_state(s["data"]),
+        )
+        train_it.set_state(side["data"])
+        history: list[dict] = []
+        for step in range(start + 1, config.total_steps + 1):
+            host_batch = next(train_it)
+            state, metrics = t.step(state, shard_batch(mesh, host_batch))
+            history.append(metrics)
+            run_.logger.count_tokens(*batch_token_counts(host_batch))
+            if step % config.log_every == 0 or step == config.total_steps:
+                host = mean_metrics(history)
+                history = []
+                applied = int(jax.device_get(state.step)) - int(jax.device_get(state.skipped))
+                host["lr"] = float(t.schedule(applied))
+                host["data/padding_fraction"] = train_it.last_padding_fraction
+                host["skipped_total"] = float(jax.device_get(state.skipped))
+                run_.log(step, host, console=True)
+                run_.check_skips(state, step)
+            if eval_step is not None and eval_every > 0 and step % eval_every == 0:
+                run_.result["eval"] = run_eval(
+                    eval_step, state, eval_ds, config.batch_size, eval_batches, mesh
+                )
+                run_.logger.write_prefixed(step, "eval", run_.result["eval"])
+            if run_.end_iteration(step, state, {"data": train_it.get_state()}):
+                break
+    run_.result.update(memory=t.step.memory, state=state, graphdef=t.graphdef, model_config=t.model_config)
+    run_.export(t.graphdef, state.params, state.frozen)
+    return run_.result
+
+
+def logging_mesh(mesh) -> None:
+    from absl import logging
+
+    logging.info("mesh: %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+
+def make_eval_step(loss_fn, denominators, mesh, views=None):
+    """The loss and metrics on an evaluation batch (no update); ``views``: LoRA (``setup.lora_views``)."""
+
+    def eval_fn(params, ref_params, frozen, batch):
+        if views is not None and frozen is not None:
+            params, ref_params = views(params, ref_params, frozen)
+        with activation_mesh(mesh):
+            loss, metrics = loss_fn(params, ref_params, batch, denominators(batch), jax.random.key(0))
+        return {**metrics, "loss": loss}
+
+    return jax.jit(eval_fn, out_shardings=replicated(mesh))
+
+
+def run_eval(eval_step, state, eval_ds, batch_size: int, eval_batches: int, mesh) -> dict[str, float]:
+    """Mean metrics over the first ``eval_batches`` batches of the eval split (in order)."""
+    it = data_lib.BatchIterator(eval_ds, batch_size, shuffle=False, repeat=False, packing=False)
+    history = []
+    for i, host in enumerate(it):
+        if i >= eval_batches:
+            break
+        history.append(eval_step(state.params, state.ref_params, state.frozen, shard_batch(mesh, host)))
+    return mean_metrics(history)

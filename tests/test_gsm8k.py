@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -87,6 +88,29 @@ def test_every_reference_answer_scores_one(split):
 def test_extraction_forms(response, expected):
     got = gsm8k.extract_answer(response)
     assert got == (None if expected is None else Fraction(expected))
+
+
+JUNK = ["\\boxed{", "\\frac{1 ", "\n", "\nQ", "1,", "1/", "A: ", "the ", " "]
+
+
+@pytest.mark.parametrize("unit", JUNK)
+def test_long_degenerate_responses_take_linear_time(unit):
+    """RL policies emit long junk: 4x the length must cost about 4x the time, not 16x (each of
+    these patterns was quadratic in a first version: seconds to minutes on 20k characters)."""
+
+    def seconds(n):
+        start = time.perf_counter()
+        gsm8k.extract_answer(unit * n)
+        return time.perf_counter() - start
+
+    small = min(seconds(4000) for _ in range(3))
+    large = min(seconds(16000) for _ in range(3))
+    assert large < 8 * small + 0.05, (small, large)
+
+
+def test_long_numbers_are_not_read():
+    assert gsm8k.extract_answer("7" * 20000) is None  # a 20,000-digit run: no number, no crash
+    assert gsm8k.extract_answer("The answer is 7. " + "3" * 5000) == 7
 
 
 def test_exact_comparison():

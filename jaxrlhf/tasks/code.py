@@ -93,9 +93,8 @@ def code(row: dict, response: str) -> str:
     prompt = row.get("code_prompt", row.get("prompt"))
     if "```" in response:
         blocks = _fenced_blocks(response)
-        defining = [
-            b for b in blocks if re.search(rf"^\s*def\s+{re.escape(row['entry_point'])}\s*\(", b, re.M)
-        ]
+        defines = re.compile(rf"^[ \t]*def[ \t]+{re.escape(row['entry_point'])}[ \t]*\(", re.M)
+        defining = [b for b in blocks if defines.search(b)]
         block = (defining or blocks or [""])[0]
         return prompt + "\n\n" + block
     cut = min((i for s in STOP_SEQUENCES if (i := response.find(s)) >= 0), default=len(response))

@@ -195,6 +195,15 @@ def ppo(**overrides) -> ml_collections.ConfigDict:
 TINY_LLAMA_WORDS = dict(TINY_LLAMA, vocab_size=512)  # covers the shipped review/answer tokenizer
 
 
+def analysis(**overrides) -> ml_collections.ConfigDict:
+    """Training-dynamics probes (``jaxrlhf.analysis.gradients``): every ``every`` steps (PPO/GRPO:
+    iterations) the gradient is split into positive/negative learning and TOP/MID/BOT thirds and
+    the update direction's stability is logged under ``analysis/``; 0 = off (no cost)."""
+    a = ml_collections.ConfigDict(dict(every=0))
+    a.update(overrides)
+    return a
+
+
 def bradley_terry(**overrides) -> ml_collections.ConfigDict:
     """Reward-model training (``algorithm="reward"``): ``use_margin`` subtracts the pair's margin
     column inside the sigmoid (Llama-2's margin loss)."""

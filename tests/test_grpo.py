@@ -124,6 +124,12 @@ def test_group_advantages_phase_matches_numpy(estimator, filt):
     np.testing.assert_allclose(
         out["group_std"], [np.std(score[i : i + 4], ddof=1) for i in (0, 4, 8)], rtol=1e-5
     )
+    # Filtered rows leave the loss through their loss mask (shapes unchanged).
+    seq = {"loss_mask": np.ones((12, 8), np.int32), "input_ids": np.zeros((12, 8), np.int32)}
+    ub = grpo.update_batch(seq, r, out)
+    np.testing.assert_array_equal(
+        np.asarray(ub["loss_mask"]), np.repeat(keep[:, None], 8, 1).astype(np.int32)
+    )
 
 
 @pytest.mark.parametrize("filt", [False, True])
@@ -281,12 +287,20 @@ def test_update_independent_of_devices_and_micro_batches(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    """A run resumed from its iteration-1 checkpoint (the iteration-2 one removed) ends bit-identical."""
+    import shutil
+
     monkeypatch.chdir(ROOT)
-    over = {"grpo.estimator": "rloo", "grpo.prompts_per_iteration": 4, "checkpoint.every": 1}
-    straight = registry.run(tiny(**over, **{"grpo.iterations": 2}), str(tmp_path / "s"))
-    registry.run(tiny(**over, **{"grpo.iterations": 1}), str(tmp_path / "r"))
-    resumed = registry.run(tiny(**over, **{"grpo.iterations": 2}), str(tmp_path / "r"))
-    assert len(resumed["history"]) == 1
+    over = {
+        "grpo.estimator": "rloo",
+        "grpo.prompts_per_iteration": 4,
+        "grpo.iterations": 2,
+        "checkpoint.every": 1,
+    }
+    straight = registry.run(tiny(**over), str(tmp_path / "r"))
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "2")
+    resumed = registry.run(tiny(**over), str(tmp_path / "r"))
+    assert resumed["history"] and len(resumed["history"]) == 1  # iteration 2 only
     for x, y in zip(
         jax.tree.leaves(jax.device_get(straight["state"])),
         jax.tree.leaves(jax.device_get(resumed["state"])),
@@ -294,3 +308,4 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     ):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(straight["last_rollout"]["score"], resumed["last_rollout"]["score"])
+    assert straight["history"][-1]["train/loss"] == resumed["history"][-1]["train/loss"]

@@ -33,6 +33,8 @@ class Algorithm:
         (and for online ones whose update is an offline loss, like DPO-Iter).
       prepare: optional offline hook ``(config, graphdef, params, train_it, eval_ds, mesh) ->
         (eval_ds, uses_reference)`` run before the state is built (DPO's precomputed reference).
+      probe: optional ``(config, graphdef) -> probe(params, ref_params, batch) -> metrics``, the
+        gradient decomposition that ``config.analysis.every`` runs (``jaxrlhf.analysis.gradients``).
       sections: default config sections ``{name: () -> ConfigDict}`` that ``config_defaults.base``
         adds for this algorithm.
       run_keys: adds the driver's run-length keys to a config (``total_steps`` ... for offline runs).
@@ -50,6 +52,7 @@ class Algorithm:
     unit: str = "step"
     build_loss: BuildLoss | None = None
     prepare: Callable | None = None
+    probe: Callable | None = None
     sections: dict[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
     run_keys: Callable[[Any], None] | None = None
     resumable_keys: tuple[str, ...] = ()

@@ -15,6 +15,7 @@ from jaxrlhf import config_sections as sections
 from jaxrlhf import losses
 from jaxrlhf.algorithms.base import Algorithm
 from jaxrlhf.algorithms.common import pair_denominators, pair_sequences, response_logps, split_pairs
+from jaxrlhf.analysis import gradients
 from jaxrlhf.distributed import gather
 from jaxrlhf.sharding import shard_batch
 from jaxrlhf.trainer import offline
@@ -51,6 +52,42 @@ def make_dpo_loss(graphdef, *, beta: float, label_smoothing: float, loss_type: s
         }
 
     return loss_fn
+
+
+def make_probe(config, graphdef):
+    """``probe(params, ref_params, batch) -> metrics``: the DPO term's gradient split into positive
+    (chosen) and negative (rejected) learning and the TOP/MID/BOT thirds of pairs by loss weight
+    (``jaxrlhf.analysis.gradients``; the NLL term is not part of the split)."""
+    d = config.dpo
+    kw = dict(beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type)
+
+    def probe(params, ref_params, batch):
+        seq = pair_sequences(batch)
+        if "ref_chosen_logps" in batch:
+            ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_c, ref_r = split_pairs(response_logps(graphdef, ref_params, seq), batch)
+        pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq), batch)
+        # the per-pair loss weight w_i = d loss_i / d log pi(y_w); d loss_i / d log pi(y_l) = -w_i
+        w = jax.grad(lambda c: jnp.sum(losses.dpo_loss(c, pol_r, ref_c, ref_r, **kw)))(pol_c)
+        w = jax.lax.stop_gradient(w) / w.shape[0]
+
+        def surrogate(p, masks):
+            c, r = split_pairs(response_logps(graphdef, p, seq), batch)
+            return jnp.sum(w * (masks[0] * c - masks[1] * r))
+
+        one, zero = jnp.ones_like(w), jnp.zeros_like(w)
+        masks = {"total": (one, one), "pos": (one, zero), "neg": (zero, one)}
+        masks.update({k: (m, m) for k, m in gradients.thirds(jnp.abs(w), one).items()})
+        out = gradients.decompose(surrogate, params, masks)
+        for k, (m, _) in masks.items():
+            if k in ("top", "mid", "bot"):
+                out[f"analysis/weight_mean_{k}"] = (
+                    jnp.sum(m * jnp.abs(w)) * w.shape[0] / jnp.maximum(m.sum(), 1)
+                )
+        return out
+
+    return probe
 
 
 def build_loss(config, graphdef):
@@ -148,7 +185,8 @@ ALGORITHM = Algorithm(
     run=offline.run,
     build_loss=build_loss,
     prepare=prepare,
-    sections={"dpo": sections.dpo, "ref": sections.dpo_ref},
+    probe=make_probe,
+    sections={"dpo": sections.dpo, "ref": sections.dpo_ref, "analysis": sections.analysis},
     run_keys=sections.offline_run_keys,
     resumable_keys=("total_steps", "eval_every", "eval_batches"),
     validate=validate,

@@ -150,6 +150,11 @@ class Run:
         self.result["metrics"] = metrics
         return metrics
 
+    def log_analysis(self, i: int, metrics: dict) -> None:
+        """Writes probe metrics (``analysis/...``) and keeps them in ``result["analysis"]``."""
+        self.result.setdefault("analysis", []).append({"step": i, **metrics})
+        self.log_.write_prefixed(i, "analysis", {k.removeprefix("analysis/"): v for k, v in metrics.items()})
+
     def end_iteration(self, i: int, state, side: dict) -> bool:
         """Checkpoints when due (every ``checkpoint.every``, at the end, on a stop signal);
         returns True when a stop signal asks the driver to leave its loop."""

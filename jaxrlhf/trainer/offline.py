@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxrlhf import data as data_lib
+from jaxrlhf.analysis import gradients
 from jaxrlhf.sharding import activation_mesh, make_mesh, replicated, shard_batch
 from jaxrlhf.trainer import harness, setup
 from jaxrlhf.trainer.logger import mean_metrics
@@ -52,6 +53,7 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
 
     t = setup.build_offline(config, algorithm, mesh, total_steps=config.total_steps, prepare=prepare)
     eval_step = make_eval_step(t.loss_fn, t.denominators, mesh, t.views) if eval_ds is not None else None
+    every, probe = make_probe(config, algorithm, t, mesh)
 
     # ---------------- resume, loop ----------------
     state = t.state
@@ -66,7 +68,10 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
         history: list[dict] = []
         for step in range(start + 1, config.total_steps + 1):
             host_batch = next(train_it)
-            state, metrics = t.step(state, shard_batch(mesh, host_batch))
+            batch = shard_batch(mesh, host_batch)
+            if probe is not None and step % every == 0:  # the gradient at the state this step updates
+                run_.log_analysis(step, probe(state, batch))
+            state, metrics = t.step(state, batch)
             history.append(metrics)
             run_.logger.count_tokens(*batch_token_counts(host_batch))
             if step % config.log_every == 0 or step == config.total_steps:
@@ -94,6 +99,34 @@ def logging_mesh(mesh) -> None:
     from absl import logging
 
     logging.info("mesh: %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+
+def make_probe(config, algorithm, t, mesh):
+    """``(every, probe)``: with ``config.analysis.every > 0`` and an algorithm that has a probe,
+    ``probe(state, batch) -> metrics`` (the gradient decomposition of ``algorithm.probe`` plus the
+    target stability of the trainable parameters); else ``(0, None)``: no cost."""
+    every = config.analysis.every if algorithm.probe is not None else 0
+    if every <= 0:
+        return 0, None
+    decompose = algorithm.probe(config, t.graphdef)
+
+    def fn(params, ref_params, frozen, batch):
+        if t.views is not None and frozen is not None:  # LoRA: the gradient w.r.t. the merged weights
+            params, ref_params = t.views(params, ref_params, frozen)
+        with activation_mesh(mesh):
+            return decompose(params, ref_params, batch)
+
+    jitted = jax.jit(fn, out_shardings=replicated(mesh))
+    stability = gradients.TargetStability(t.state.params)
+
+    def probe(state, batch) -> dict[str, float]:
+        out = {
+            k: float(v)
+            for k, v in jax.device_get(jitted(state.params, state.ref_params, state.frozen, batch)).items()
+        }
+        return {**out, **stability.update(state.params)}
+
+    return every, probe
 
 
 def make_eval_step(loss_fn, denominators, mesh, views=None):

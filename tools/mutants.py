@@ -100,9 +100,14 @@ def occurrences(m: Mutant, root: str) -> int:
 
 
 def copy_tracked(dst: str) -> None:
-    """The working-tree version of every tracked file (and ``tests/fixtures``) into ``dst``."""
+    """The working tree's tracked and untracked-but-not-ignored files into ``dst`` (what a fresh
+    checkout of the current work would hold; no ``.venv``, no build outputs)."""
     files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = os.path.join(ROOT, rel)
@@ -130,6 +135,21 @@ def check_copy_is_imported(copy: str) -> None:
     ).stdout.strip()
     if not out.startswith(os.path.realpath(copy)):
         raise RuntimeError(f"the copy imports jaxrlhf from {out}, not from {copy}")
+
+
+def check_baseline_collects(mutants: list[Mutant], copy: str) -> None:
+    """Every named test collects in the unmutated copy, so that a collection error under a
+    mutation (pytest exit 2) is the mutation's doing."""
+    tests = sorted({t for m in mutants for t in m.tests})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=copy,
+        env=env_for(copy),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError("the unmutated copy does not collect the named tests:\n" + proc.stdout[-3000:])
 
 
 def run_one(m: Mutant, copy: str, timeout: float) -> tuple[str, float, str]:
@@ -204,6 +224,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="jaxrlhf-mutants-") as copy:
         copy_tracked(copy)
         check_copy_is_imported(copy)
+        check_baseline_collects(mutants, copy)
         for i, m in enumerate(mutants, 1):
             if args.deadline and time.perf_counter() - t_start > args.deadline:
                 print(f"deadline reached: {len(mutants) - i + 1} mutations not run", flush=True)

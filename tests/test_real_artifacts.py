@@ -274,7 +274,7 @@ def test_tiny_llama_greedy_generation_equals_transformers(llama):
 
     ours, hf, tok = llama
     prompts = [[1]] + [tok(t)["input_ids"] for t in TEXTS[:2]]  # BOS alone, then real text
-    P, N = max(map(len, prompts)), 48
+    P, N = max(map(len, prompts)), 32
     ids = np.zeros((len(prompts), P), np.int32)
     mask = np.zeros((len(prompts), P), np.int32)
     for b, x in enumerate(prompts):  # left padding

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxrlhf import generation as gen
+from jaxrlhf import models
 from jaxrlhf import sharding as shd
 
 V, D = 16, 16
@@ -396,7 +397,6 @@ TOKENIZERS = "tests/fixtures/tokenizers"
 
 @pytest.fixture(scope="module")
 def llama():
-    models = pytest.importorskip("jaxrlhf.models")
     return models.init("llama", seed=3, vocab_size=64)
 
 
@@ -429,7 +429,6 @@ def test_llama_sampled_logprobs_equal_full_forward(llama):
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 def test_llama_generation_layout_equal(llama):
-    models = pytest.importorskip("jaxrlhf.models")
     ids, mask = left_padded([4, 2, 3, 1, 4, 4, 2, 3], 4, seed=6)
     graphdef, params = nnx.split(llama)
     kw = dict(max_new_tokens=4, pad_id=0, greedy=True)
@@ -449,7 +448,6 @@ def test_llama_generation_layout_equal(llama):
 
 
 def test_cli_generate(tmp_path, capsys):
-    models = pytest.importorskip("jaxrlhf.models")
     pytest.importorskip("transformers")
     import json
 
@@ -505,7 +503,6 @@ def test_cli_generate(tmp_path, capsys):
 
 def test_prefill_never_builds_prompt_logits():
     """Only the last prompt slot's logits exist after compilation ([B, V], never [B, P, V])."""
-    models = pytest.importorskip("jaxrlhf.models")
     graphdef, params = nnx.split(models.init("llama", vocab_size=1000, num_layers=1))
     s = gen.make_sampler(graphdef, max_new_tokens=2, pad_id=0)
     ids = jnp.ones((8, 64), jnp.int32)

@@ -42,8 +42,8 @@ def _need(module: str):
     except ImportError:
         msg = f"{module} is not installed (pip install -e '.[test]' brings it)"
         if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg, allow_module_level=True)
 
 
 torch = _need("torch")

@@ -134,12 +134,35 @@ def test_sharded_step_matches_single_device(mesh, single_device_dpo):
 
 
 def test_reward_step_margin_and_accuracy():
+    """A step's logged Bradley-Terry metrics equal NumPy on the scalar head's output at each half's
+    last real token (right padding), with the margin column subtracted (use_margin)."""
     config = _config("reward")
-    config.reward = dict(use_margin=True)
-    state, metrics, _ = _run_one_step(config, _pref_batch(3), steps=3)
+    config.bradley_terry = d.bradley_terry(use_margin=True)
+    batch = _pref_batch(3)
+    graphdef, params, _ = setup.load_model(config, config.model, make_mesh(config.mesh), head="scalar")
+    model = nnx.merge(graphdef, params)
+
+    def last_scores(half):
+        am = batch[f"{half}_attention_mask"]
+        out = np.asarray(
+            model(
+                jnp.asarray(batch[f"{half}_input_ids"]),
+                attention_mask=jnp.asarray(am),
+                positions=jnp.asarray(batch[f"{half}_positions"]),
+            ),
+            np.float64,
+        )
+        return out[np.arange(B), [np.nonzero(row)[0][-1] for row in am]]
+
+    rc, rr, m = last_scores("chosen"), last_scores("rejected"), batch["margin"].astype(np.float64)
+    state, metrics, _ = _run_one_step(config, batch, steps=1)  # metrics of the initial parameters
     assert state.ref_params is None
-    assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert np.isfinite(metrics["bt_loss"])
+    assert 0.0 < np.mean(rc > rr) < 1.0  # the batch has both orders
+    np.testing.assert_allclose(metrics["bt_loss"], np.mean(np.logaddexp(0.0, -(rc - rr - m))), rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], np.mean(rc > rr))
+    np.testing.assert_allclose(metrics["margin"], np.mean(rc - rr), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["reward_chosen"], np.mean(rc), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["reward_rejected"], np.mean(rr), rtol=1e-4, atol=1e-6)
 
 
 def _toy_step(ema_decay=1.0, reset_every=0):

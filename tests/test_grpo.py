@@ -309,3 +309,34 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(straight["last_rollout"]["score"], resumed["last_rollout"]["score"])
     assert straight["history"][-1]["train/loss"] == resumed["history"][-1]["train/loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# E8 (critic-free vs PPO) smoke run: the stages chain and the comparison is at equal work.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_e8_smoke_equal_samples_and_steps(tmp_path, monkeypatch):
+    """At smoke size nothing is learned: only the chaining, the output files and the equal-work
+    accounting (optimizer steps counted by the trained states, responses from the configs) are checked."""
+    from jaxrlhf import sharding
+    from jaxrlhf.experiments import e8_critic_free as e8
+
+    monkeypatch.setattr(sharding, "mesh_shape", lambda axes, n: {"data": 1, "fsdp": 1, "tensor": 1})
+    out = tmp_path / "out"
+    e8.main(["--smoke", "--seeds=1", f"--out={out}", f"--workdir={tmp_path / 'wd'}", "--methods=ppo,rloo"])
+    for f in ("table.md", "results.json", "pass_at_k.png"):
+        assert (out / f).stat().st_size > 0, f
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["table"]) == ["sft", "ppo", "rloo"]
+    ppo, rloo = saved["table"]["ppo"], saved["table"]["rloo"]
+    assert ppo["optimizer_steps"]["values"] == rloo["optimizer_steps"]["values"]
+    assert ppo["samples"]["values"] == rloo["samples"]["values"]
+    s = saved["sizes"]
+    assert ppo["optimizer_steps"]["values"][0] == s["ppo_iterations"] * s["ppo_epochs"] * (
+        s["ppo_rollout_batch"] // s["ppo_minibatch"]
+    )
+    n = e8.EVAL_SAMPLES["e8_smoke"]
+    for name, row in saved["table"].items():
+        vals = [row[f"pass@{k}"]["mean"] for k in (1, 2, 4) if k <= n]
+        assert all(0.0 <= v <= 1.0 for v in vals) and vals == sorted(vals), (name, vals)
+    assert abs(saved["table"]["sft"]["kl_to_reference"]["mean"]) < 1e-4

@@ -121,3 +121,18 @@ def test_dpo_decomposition_total_is_the_loss_gradient():
     g = jax.grad(lambda p: loss_fn(p, ref, batch, denoms(batch), jax.random.key(0))[0])(params)
     out = dpo.make_probe(c, graphdef)(params, ref, batch)
     np.testing.assert_allclose(float(out["analysis/grad_norm_total"]), float(tree_norm(g)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    over = {"analysis.every": 1, "ppo.iterations": 2, "checkpoint.every": 2, "export_hf": False}
+    res = registry.run(_tiny("ppo", **over), str(tmp_path / "ppo"))
+    for m in res["history"]:
+        tot, pos, neg = (m[f"analysis/grad_norm_{k}"] for k in ("total", "pos", "neg"))
+        cos = m["analysis/grad_cos_pos_neg"]
+        assert tot**2 == pytest.approx(pos**2 + neg**2 + 2 * pos * neg * cos, rel=1e-4)
+        # whitened advantages: both signs present; the top third by |A| has the largest |raw A|
+        assert pos > 0 and neg > 0
+        assert abs(m["analysis/adv_mean_top"]) >= 0.0 and m["analysis/grad_norm_top"] > 0
+    assert "analysis/update_cos_prev_window" in res["history"][1]

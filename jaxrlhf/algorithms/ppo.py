@@ -36,6 +36,7 @@ from jaxrlhf import data as data_lib
 from jaxrlhf import losses, rollout
 from jaxrlhf.algorithms.base import Algorithm
 from jaxrlhf.algorithms.common import apply_model
+from jaxrlhf.analysis import gradients
 from jaxrlhf.distributed import gather
 from jaxrlhf.rollout import score_positions
 from jaxrlhf.sharding import activation_mesh, make_mesh, replicated
@@ -167,6 +168,35 @@ def kl_controller(pc):
     return lambda coef, kl: kl_coef_update(coef, kl, n, target=target, horizon=horizon)
 
 
+def make_probe(actor_gd, cfg, mesh):
+    """``probe(actor_params, minibatch, raw_advantages) -> metrics``: the clipped policy loss's
+    gradient on one minibatch split into positive (A > 0) and negative (A < 0) tokens and the
+    TOP/MID/BOT thirds of tokens by |A| with their mean raw advantage (``jaxrlhf.analysis.gradients``;
+    the value loss is not part of the split)."""
+
+    def probe(actor_params, batch, raw_adv):
+        with activation_mesh(mesh):
+            valid = (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)
+            adv, n = batch["advantages"], jnp.maximum(jnp.sum(valid), 1.0)
+
+            def surrogate(p, m):
+                logits = apply_model(actor_gd, p, batch)
+                logps, _ = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+                pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], adv, clip_eps=cfg.clip_eps)
+                return jnp.sum(m * pg) / n
+
+            masks = {"total": valid, "pos": valid * (adv > 0), "neg": valid * (adv < 0)}
+            masks.update(gradients.thirds(jnp.abs(adv), valid))
+            out = gradients.decompose(surrogate, actor_params, masks)
+            for k in ("top", "mid", "bot"):
+                out[f"analysis/adv_mean_{k}"] = jnp.sum(masks[k] * raw_adv) / jnp.maximum(
+                    jnp.sum(masks[k]), 1.0
+                )
+        return out
+
+    return jax.jit(probe)
+
+
 def make_score_fn(actor_gd, critic_gd, mesh, temperature: float):
     """``(params, ref_params, seq) -> rollout arrays``: old/ref log-probs ``[B, T-1]``, the action mask,
     the mean entropy and, with a critic (``critic_gd`` not None), its values (no GAE yet)."""
@@ -263,6 +293,8 @@ class Phases:
     advantages: Any
     update: Any
     kl_control: Any
+    probe: Any = None  # with config.analysis.every > 0: the gradient decomposition (make_probe)
+    stability: Any = None
 
 
 def build(config, mesh, tokenizer, prompts_ds):
@@ -295,6 +327,9 @@ def build(config, mesh, tokenizer, prompts_ds):
         update=jit_update(make_update_fn(config, loss_fn, token_denominators, tx), shardings, mesh),
         kl_control=kl_controller(pc),
     )
+    if config.analysis.every > 0:
+        phases.probe = make_probe(roles.actor_gd, pc, mesh)
+        phases.stability = gradients.TargetStability(state.params["actor"])
     return roles, state, shardings, phases, schedule
 
 
@@ -352,8 +387,10 @@ def iteration(config, ph: Phases, state, side: dict, host_prompts, mesh, it: int
     kl_coef = jnp.float32(side["kl_coef"])
     adv = ph.advantages(r, kl_coef)
     check_finite({k: adv[k] for k in ("advantages", "returns")}, it, "before the update")
+    batch = update_batch(seq, r, adv)
+    probed = probe_iteration(config, ph, state, batch, adv, it)
     t0 = time.perf_counter()
-    state, metrics = ph.update(state, update_batch(seq, r, adv), jax.random.key_data(train_rng), kl_coef)
+    state, metrics = ph.update(state, batch, jax.random.key_data(train_rng), kl_coef)
     metrics = jax.device_get(metrics)
     t_train = time.perf_counter() - t0
 
@@ -367,7 +404,21 @@ def iteration(config, ph: Phases, state, side: dict, host_prompts, mesh, it: int
     m.update(phase_times(n_tokens, t_gen, t_score, t_train, pc.epochs))
     side = dict(side, reward_stats={k: float(v) for k, v in jax.device_get(stats).items()})
     side["kl_coef"] = ph.kl_control(side["kl_coef"], m["kl_ref/k1"])
+    m.update(probed)
     return state, side, m
+
+
+def probe_iteration(config, ph: Phases, state, batch: dict, adv: dict, it: int) -> dict[str, float]:
+    """Every ``config.analysis.every`` iterations: the decomposition on the rollout's first
+    ``minibatch_size`` rows at the pre-update actor (LoRA: merged weights) and the stability of the
+    actor's update direction; ``{}`` otherwise."""
+    if ph.probe is None or it % config.analysis.every:
+        return {}
+    rows = jnp.arange(config.ppo.minibatch_size)
+    first = jax.tree.map(lambda x: x[rows], batch)
+    actor = setup.full_params(config, state.params, state.frozen)["actor"]
+    out = jax.device_get(ph.probe(actor, first, adv["raw_advantages"][rows]))
+    return {**{k: float(v) for k, v in out.items()}, **ph.stability.update(state.params["actor"])}
 
 
 def phase_times(n_tokens: float, t_gen: float, t_score: float, t_train: float, epochs: int) -> dict:
@@ -455,7 +506,7 @@ ALGORITHM = Algorithm(
     uses_reference=True,
     run=run,
     unit="iteration",
-    sections={"ppo": sections.ppo, "ref": sections.ppo_ref},
+    sections={"ppo": sections.ppo, "ref": sections.ppo_ref, "analysis": sections.analysis},
     resumable_keys=("ppo.iterations",),
     validate=validate,
 )

@@ -199,12 +199,6 @@ def test_chat_templates_messages_and_ultrafeedback(hh_rows, name):
             check(row[half][:1], row[half][1]["content"], pref.prompt_ids[i], seq)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.detect_schema returns 'hh_rlhf' for any chosen/rejected columns without 'prompt', even "
-    "when chosen is a message list (the trl-lib/ultrafeedback_binarized layout): every row is then "
-    "dropped as a schema_error. Fix: check the first row's chosen type before choosing hh_rlhf.",
-)
 def test_ultrafeedback_without_prompt_column_is_detected():
     with open(real("ultrafeedback_binarized_subset") / "eval_clean.jsonl") as f:
         r = json.loads(f.readline())

@@ -50,6 +50,9 @@ def tiny_hf(tmp_path_factory):
     return out
 
 
+TASK_DATA = {"jaxrlhf.tasks.gsm8k:reward": "prompts.jsonl", "jaxrlhf.tasks.code:reward": "code_prompts.jsonl"}
+
+
 def shrink(config, tiny_hf):
     """Points a real experiment config at tiny local models and fixture data, one step long."""
     c = config
@@ -74,7 +77,9 @@ def shrink(config, tiny_hf):
                 c.eval_every = 2
                 c.eval_batches = 1
         if not c.data.path.startswith(FIX):
-            c.data.path = os.path.join(FIX, "data", {"sft": "sft_messages.jsonl"}.get(algo, "hh_rlhf.jsonl"))
+            fn = c.reward.get("fn", "") if "reward" in c else ""  # task rewards need rows with their columns
+            name = TASK_DATA.get(fn) or {"sft": "sft_messages.jsonl"}.get(algo, "hh_rlhf.jsonl")
+            c.data.path = os.path.join(FIX, "data", name)
             c.data.max_prompt_length, c.data.max_length = 192, 320
             c.data.split = "train"
             if c.data.get("eval_split"):
@@ -87,6 +92,14 @@ def shrink(config, tiny_hf):
             if c.critic.model.path:
                 c.critic.model.path = tiny_hf
             if c.reward.fn == "" and c.reward.model.path:
+                c.reward.model.path = tiny_hf
+        if algo == "grpo":
+            c.grpo.iterations = 1
+            c.grpo.prompts_per_iteration, c.grpo.samples_per_prompt = 4, 2
+            c.grpo.minibatch_size = 4
+            c.micro_batches = 2
+            c.generation.max_new_tokens = 4
+            if not c.reward.fn and c.reward.model.path:
                 c.reward.model.path = tiny_hf
         if algo == "dpo_iter":
             c.dpo_iter.rounds = 1

@@ -61,9 +61,9 @@ def detect_schema(columns, first_row: dict | None = None) -> str:
     """
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
-        if "prompt" not in cols:
-            return "hh_rlhf"
         chosen = (first_row or {}).get("chosen")
+        if "prompt" not in cols:  # HH-RLHF transcripts, or message lists (trl-lib/ultrafeedback_binarized)
+            return "ultrafeedback" if isinstance(chosen, list) else "hh_rlhf"
         return "ultrafeedback" if isinstance(chosen, list) else "preference"
     if "messages" in cols:
         return "messages"

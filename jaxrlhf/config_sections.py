@@ -186,6 +186,13 @@ def ppo(**overrides) -> ml_collections.ConfigDict:
             adaptive_kl=False,
             kl_target=6.0,
             kl_horizon=10000,
+            # coordinated PPO (Wang et al. 2025): token weights by |A| third (their cPPO: lambda on
+            # TOP or MID) and a periodic swing between positive and negative learning (their hPPO)
+            coef_top=1.0,
+            coef_mid=1.0,
+            coef_bot=1.0,
+            period=0,  # iterations; 0 = off
+            amplitude=0.0,
         )
     )
     p.update(overrides)
@@ -215,7 +222,20 @@ def bradley_terry(**overrides) -> ml_collections.ConfigDict:
 def dpo(**overrides) -> ml_collections.ConfigDict:
     """DPO (``loss_type`` sigmoid | ipo), conservative DPO (``label_smoothing`` > 0) and the extra-SFT
     remedy (``nll_coef``: NLL of the chosen answers per chosen token, added to the loss)."""
-    p = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0))
+    p = ml_collections.ConfigDict(
+        dict(
+            beta=0.1,
+            label_smoothing=0.0,
+            loss_type="sigmoid",
+            nll_coef=0.0,
+            # coordinated DPO (Wang et al. 2025; not conservative DPO): negative learning x
+            # early_neg_coef before step early_until, positive learning x late_pos_coef from late_from
+            early_neg_coef=1.0,
+            early_until=0,
+            late_pos_coef=1.0,
+            late_from=0,
+        )
+    )
     p.update(overrides)
     return p
 

@@ -157,6 +157,17 @@ RULES: tuple[Rule, ...] = (
     Rule("ppo.adaptive_kl", bool),
     Rule("ppo.kl_target", float, POS),
     Rule("ppo.kl_horizon", int, AT_LEAST_1),
+    Rule("ppo.coef_top", float, NONNEG),  # coordinated PPO (Wang et al.): TOP/MID/BOT token weights
+    Rule("ppo.coef_mid", float, NONNEG),
+    Rule("ppo.coef_bot", float, NONNEG),
+    Rule("ppo.period", int, NONNEG),  # periodic variant; 0: off
+    Rule("ppo.amplitude", float, "[0, 1]"),
+    # ---- coordinated DPO and the training-dynamics probes
+    Rule("dpo.early_neg_coef", float, NONNEG),
+    Rule("dpo.early_until", int, NONNEG),
+    Rule("dpo.late_pos_coef", float, NONNEG),
+    Rule("dpo.late_from", int, NONNEG),
+    Rule("analysis.every", int, NONNEG),  # 0: off
     # ---- GRPO
     Rule("grpo.samples_per_prompt", int, "[2, inf)"),  # a group needs 2 samples for a baseline
     Rule("grpo.clip_eps", float, POS),

@@ -48,6 +48,12 @@ Critic-free policy optimisation (GRPO, Dr.GRPO, RLOO, REINFORCE++, DAPO, GSPO)
   - :func:`reinforce_pp_returns` ``(token_rewards[B,T], mask[B,T], gamma) -> [B,T]``
   - :func:`clipped_policy_loss` ``(logprobs, old_logprobs, advantages[B,T] or [B], mask, *,
     clip_eps_low, clip_eps_high, ratio_level) -> ([B,T], {ratio, clipped_low, clipped_high})``
+
+Coordinating positive and negative learning (Wang et al. 2025)
+  - :func:`gradient_scale` ``(x, scale) -> x`` (value unchanged, gradient scaled)
+  - :func:`rank_thirds` ``(score, valid) -> {top, mid, bot}`` 0/1 masks by rank
+  - :func:`coordinated_token_weights` ``(advantages[B,T], mask[B,T], *, coef_top, coef_mid, coef_bot,
+    pos_coef, neg_coef) -> [B,T]``
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ import jax.numpy as jnp
 
 __all__ = [
     "aggregate_loss",
+    "coordinated_token_weights",
+    "gradient_scale",
+    "rank_thirds",
     "bradley_terry_loss",
     "clipped_policy_loss",
     "dpo_implicit_rewards",
@@ -1263,3 +1272,79 @@ def clipped_policy_loss(
         "clipped_high": valid & (ratio > 1.0 + high) & (adv > 0),
     }
     return loss, diagnostics
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinating positive and negative learning (Wang et al. 2025).
+# ----------------------------------------------------------------------------------------------
+def gradient_scale(x: jax.Array, scale: jax.Array | float) -> jax.Array:
+    r"""``x`` in value, ``scale * x`` in gradient: ``scale x + stop_gradient((1 - scale) x)``.
+
+    Lets a loss weigh the gradient of one of its terms (DPO's chosen or rejected log-probs: positive
+    vs negative learning) without changing the loss value or any metric computed from it.
+
+    Examples:
+      >>> import jax
+      >>> from jaxrlhf import losses
+      >>> print(jax.grad(lambda x: losses.gradient_scale(x, 0.25) ** 2)(3.0))  # 0.25 * 2 * 3
+      1.5
+    """
+    return scale * x + jax.lax.stop_gradient((1.0 - scale) * x)
+
+
+def rank_thirds(score: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    r"""0/1 float32 masks of the top, middle and bottom thirds of the ``valid`` units by ``score``.
+
+    Ranks are by descending score among valid units (ties by position); with ``n`` valid units the
+    top third holds ranks ``[0, ceil(n/3))``, the middle ``[ceil(n/3), ceil(2n/3))``, the bottom
+    the rest. Shapes: any, ``score`` and ``valid`` alike; each mask has that shape.
+
+    References:
+      Wang et al. 2025, "What Is Preference Optimization Doing, How and Why?" (TOP/MID/BOT data).
+    """
+    flat, ok = score.reshape(-1).astype(jnp.float32), valid.reshape(-1) > 0
+    key = jnp.where(ok, flat, -jnp.inf)
+    order = jnp.argsort(-key, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    n = jnp.sum(ok)
+    cut1, cut2 = (n + 2) // 3, (2 * n + 2) // 3
+    masks = {
+        "top": ok & (rank < cut1),
+        "mid": ok & (rank >= cut1) & (rank < cut2),
+        "bot": ok & (rank >= cut2),
+    }
+    return {k: m.reshape(score.shape).astype(jnp.float32) for k, m in masks.items()}
+
+
+def coordinated_token_weights(
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    coef_top: float = 1.0,
+    coef_mid: float = 1.0,
+    coef_bot: float = 1.0,
+    pos_coef: jax.Array | float = 1.0,
+    neg_coef: jax.Array | float = 1.0,
+) -> jax.Array:
+    r"""Per-token loss weights of the coordinated PPO variants (Wang et al. 2025).
+
+    .. math::
+        w_t = c_{third(t)} \cdot (c_+ [A_t > 0] + c_- [A_t < 0] + [A_t = 0])
+
+    where ``third(t)`` ranks the valid tokens of the batch by ``|A_t|`` (:func:`rank_thirds`):
+    ``coef_top/mid/bot`` down-weight the TOP or MID data (their cPPO, ``λ``), ``pos_coef`` /
+    ``neg_coef`` weigh positive- and negative-advantage tokens (their periodic hPPO sets these per
+    iteration). All coefficients 1: weights 1 on every valid token. 0 on masked tokens.
+
+    Args:
+      advantages: ``[B, T]`` advantages (whitened or raw; only signs and ranks of ``|A|`` matter).
+      mask: ``[B, T]`` valid tokens.
+
+    Returns:
+      ``[B, T]`` float32 weights.
+    """
+    valid = mask > 0
+    third = rank_thirds(jnp.abs(advantages), valid)
+    c = coef_top * third["top"] + coef_mid * third["mid"] + coef_bot * third["bot"]
+    sign = jnp.where(advantages > 0, pos_coef, jnp.where(advantages < 0, neg_coef, 1.0))
+    return jnp.where(valid, c * sign, 0.0).astype(jnp.float32)

@@ -136,3 +136,88 @@ def test_ppo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
         assert pos > 0 and neg > 0
         assert abs(m["analysis/adv_mean_top"]) >= 0.0 and m["analysis/grad_norm_top"] > 0
     assert "analysis/update_cos_prev_window" in res["history"][1]
+
+
+def test_coordinated_token_weights_match_a_numpy_loop():
+    rng = np.random.default_rng(3)
+    adv = rng.normal(size=(3, 7)).astype(np.float32)
+    adv[0, 2] = 0.0
+    mask = (rng.random((3, 7)) > 0.3).astype(np.float32)
+    kw = dict(coef_top=0.2, coef_mid=0.5, coef_bot=1.5, pos_coef=1.3, neg_coef=0.7)
+    from jaxrlhf import losses
+
+    got = np.asarray(losses.coordinated_token_weights(jnp.asarray(adv), jnp.asarray(mask), **kw))
+    idx = [(b, t) for b in range(3) for t in range(7) if mask[b, t]]
+    order = sorted(range(len(idx)), key=lambda i: (-abs(adv[idx[i]]), i))
+    n = len(idx)
+    expect = np.zeros((3, 7), np.float32)
+    for rank, i in enumerate(order):
+        third = (
+            kw["coef_top"]
+            if rank < -(-n // 3)
+            else kw["coef_mid"]
+            if rank < -(-2 * n // 3)
+            else kw["coef_bot"]
+        )
+        a = adv[idx[i]]
+        sign = kw["pos_coef"] if a > 0 else kw["neg_coef"] if a < 0 else 1.0
+        expect[idx[i]] = third * sign
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_coordinated_dpo_early_phase_drops_negative_learning():
+    """Before ``early_until`` with ``early_neg_coef=0`` the DPO gradient is that of the loss with the
+    rejected log-probs held fixed; the loss value is unchanged; after the switch it is plain DPO."""
+    from jaxrlhf import config_defaults as d
+    from jaxrlhf.algorithms import common, dpo
+    from jaxrlhf.analysis.trees import tree_norm
+    from jaxrlhf.sharding import make_mesh
+    from jaxrlhf.trainer import setup
+
+    c = d.base("dpo")
+    c.model = d.model(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2
+    )
+    c.model.dtype = "float32"
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.dpo = d.dpo(beta=0.5, early_neg_coef=0.0, early_until=5)
+    graphdef, params, _ = setup.load_model(c, c.model, make_mesh(c.mesh))
+    ref = jax.tree.map(lambda x: x * 0.95, params)
+    rng = np.random.default_rng(2)
+    ids = lambda: rng.integers(3, 64, size=(4, 9)).astype(np.int32)
+    lm = np.zeros((4, 9), np.int32)
+    lm[:, 3:] = 1
+    batch = {"chosen_input_ids": ids(), "rejected_input_ids": ids(), "margin": np.zeros(4, np.float32)}
+    for h in ("chosen", "rejected"):
+        batch[f"{h}_attention_mask"], batch[f"{h}_loss_mask"] = np.ones((4, 9), np.int32), lm
+    loss_fn, denoms = dpo.build_loss(c, graphdef)
+    seq = common.pair_sequences(batch)
+
+    def held(p):  # the DPO loss with the rejected log-probs held fixed (computed independently)
+        pc, _ = common.split_pairs(common.response_logps(graphdef, p, seq), batch)
+        _, pr = common.split_pairs(common.response_logps(graphdef, params, seq), batch)
+        rc, rr = common.split_pairs(common.response_logps(graphdef, ref, seq), batch)
+        return jnp.mean(jnp.logaddexp(0.0, -0.5 * ((pc - rc) - (pr - rr))))
+
+    def at(step):
+        den = {**denoms(batch), "step": jnp.int32(step)}
+        return jax.value_and_grad(lambda p: loss_fn(p, ref, batch, den, jax.random.key(0))[0])(params)
+
+    (v_early, g_early), (v_late, g_late) = at(0), at(5)
+    v_held, g_held = jax.value_and_grad(held)(params)
+    assert float(v_early) == pytest.approx(float(v_late), rel=1e-6) == pytest.approx(float(v_held), rel=1e-5)
+    diff = jax.tree.map(lambda a, b: a - b, g_early, g_held)
+    assert float(tree_norm(diff)) <= 1e-5 * float(tree_norm(g_held))
+    assert float(tree_norm(jax.tree.map(lambda a, b: a - b, g_late, g_early))) > 1e-3 * float(
+        tree_norm(g_late)
+    )
+
+
+def test_periodic_coefficients_closed_form():
+    from jaxrlhf.algorithms import ppo
+
+    assert ppo.periodic_coefs(7, 0, 0.5) == (1.0, 1.0)
+    for it in (0, 1, 3, 6):
+        pos, neg = ppo.periodic_coefs(it, 12, 0.4)
+        s = 0.4 * np.sin(2 * np.pi * it / 12)
+        assert float(pos) == pytest.approx(1 + s, abs=1e-6) and float(neg) == pytest.approx(1 - s, abs=1e-6)

@@ -20,12 +20,38 @@ from jaxrlhf.distributed import gather
 from jaxrlhf.sharding import shard_batch
 from jaxrlhf.trainer import offline
 
+COORDINATION_DEFAULTS = dict(early_neg_coef=1.0, early_until=0, late_pos_coef=1.0, late_from=0)
 
-def make_dpo_loss(graphdef, *, beta: float, label_smoothing: float, loss_type: str, nll_coef: float):
+
+def coordination(step, *, early_neg_coef: float, early_until: int, late_pos_coef: float, late_from: int):
+    """``(pos_coef, neg_coef)`` of the coordinated DPO of Wang et al. 2025 at optimizer step ``step``:
+    negative learning (the rejected term's gradient) scaled by ``early_neg_coef`` before step
+    ``early_until`` (t1), positive learning (the chosen term's) by ``late_pos_coef`` from step
+    ``late_from`` (t2; 0 = never). Defaults (1, 0, 1, 0): plain DPO. Not conservative DPO
+    (``label_smoothing``)."""
+    neg = jnp.where(step < early_until, early_neg_coef, 1.0)
+    pos = jnp.where((late_from > 0) & (step >= late_from), late_pos_coef, 1.0)
+    return pos, neg
+
+
+def make_dpo_loss(
+    graphdef,
+    *,
+    beta: float,
+    label_smoothing: float,
+    loss_type: str,
+    nll_coef: float,
+    coord: dict | None = None,
+):
+    coord = coord or COORDINATION_DEFAULTS
+
     def loss_fn(params, ref_params, batch, denoms, rng):
         del rng
         seq = pair_sequences(batch)
         pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq), batch)
+        pos, neg = coordination(denoms.get("step", 0), **coord)
+        # the loss value and every metric are unchanged; only the gradients of the two terms scale
+        pol_c, pol_r = losses.gradient_scale(pol_c, pos), losses.gradient_scale(pol_r, neg)
         if "ref_chosen_logps" in batch:  # precomputed once over the dataset (frozen reference)
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -92,8 +118,14 @@ def make_probe(config, graphdef):
 
 def build_loss(config, graphdef):
     d = config.dpo
+    coord = {k: d.get(k, v) for k, v in COORDINATION_DEFAULTS.items()}  # absent: plain DPO
     fn = make_dpo_loss(
-        graphdef, beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type, nll_coef=d.nll_coef
+        graphdef,
+        beta=d.beta,
+        label_smoothing=d.label_smoothing,
+        loss_type=d.loss_type,
+        nll_coef=d.nll_coef,
+        coord=coord,
     )
     return fn, pair_denominators
 

@@ -74,6 +74,7 @@ def ppo_losses(params, ref_params, batch, denoms, rng, *, graphdefs, cfg, kl_coe
     tsum = lambda x: losses.aggregate_loss(x, mask, "token_mean", global_denominator=tokens)
 
     pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=cfg.clip_eps)
+    pg = pg * batch["token_coef"]  # the coordinated variants' token weights (1 by default)
     vf = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], clip_eps=cfg.value_clip_eps)
     entropy = losses.entropy_from_logits(logits)[:, :-1]
     loss = tsum(pg) + cfg.vf_coef * tsum(vf) - cfg.entropy_coef * tsum(entropy)
@@ -102,8 +103,21 @@ def token_denominators(batch: dict) -> dict:
     return {"tokens": losses.loss_denominator(batch["loss_mask"][:, 1:], "token_mean")}
 
 
-def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg) -> dict:
-    """Per-token rewards (score at the last action, minus the KL penalty), GAE and whitening."""
+def periodic_coefs(it, period: int, amplitude: float):
+    """``(pos_coef, neg_coef)`` of the periodic variant (Wang et al.'s hPPO, whose exact formula the
+    paper does not give; ours): ``1 ± amplitude * sin(2 pi it / period)`` for positive / negative
+    advantage tokens, so the emphasis swings between positive and negative learning every
+    ``period`` iterations; ``period`` 0: both 1."""
+    if period <= 0:
+        return 1.0, 1.0
+    phase = amplitude * jnp.sin(2.0 * jnp.pi * it / period)
+    return 1.0 + phase, 1.0 - phase
+
+
+def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg, it=0) -> dict:
+    """Per-token rewards (score at the last action, minus the KL penalty), GAE, whitening, and the
+    coordinated variants' token weights (``cfg.coef_top/mid/bot``: cPPO; ``cfg.period`` /
+    ``cfg.amplitude`` at iteration ``it``: the periodic variant; ``losses.coordinated_token_weights``)."""
     mask = rollout["action_mask"]
     valid = mask > 0
     kl = losses.kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], estimator=cfg.kl_estimator)
@@ -116,7 +130,24 @@ def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg) -> dict:
     if cfg.whiten_advantages:
         adv = losses.masked_whiten(adv, mask)
     adv = jnp.where(valid, adv, 0.0)
-    return {"rewards": rewards, "advantages": adv, "raw_advantages": raw_adv, "returns": ret, "kl": kl}
+    pos, neg = periodic_coefs(it, cfg.period, cfg.amplitude)
+    coef = losses.coordinated_token_weights(
+        adv,
+        mask,
+        coef_top=cfg.coef_top,
+        coef_mid=cfg.coef_mid,
+        coef_bot=cfg.coef_bot,
+        pos_coef=pos,
+        neg_coef=neg,
+    )
+    return {
+        "rewards": rewards,
+        "advantages": adv,
+        "raw_advantages": raw_adv,
+        "returns": ret,
+        "kl": kl,
+        "token_coef": coef,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +214,7 @@ def make_probe(actor_gd, cfg, mesh):
                 logits = apply_model(actor_gd, p, batch)
                 logps, _ = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
                 pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], adv, clip_eps=cfg.clip_eps)
-                return jnp.sum(m * pg) / n
+                return jnp.sum(m * pg * batch["token_coef"]) / n
 
             masks = {"total": valid, "pos": valid * (adv > 0), "neg": valid * (adv < 0)}
             masks.update(gradients.thirds(jnp.abs(adv), valid))
@@ -323,7 +354,7 @@ def build(config, mesh, tokenizer, prompts_ds):
         shape=jax.jit(
             lambda raw, truncated, stats: rollout.shape_scores(raw, truncated, stats, config.reward)
         ),
-        advantages=jax.jit(lambda r, kl_coef: advantages_and_returns(r, kl_coef, pc)),
+        advantages=jax.jit(lambda r, kl_coef, it: advantages_and_returns(r, kl_coef, pc, it)),
         update=jit_update(make_update_fn(config, loss_fn, token_denominators, tx), shardings, mesh),
         kl_control=kl_controller(pc),
     )
@@ -367,6 +398,7 @@ def update_batch(seq, r, adv) -> dict:
         **{k: r[k] for k in keys if k in r},
         "advantages": adv["advantages"],
         "returns": adv["returns"],
+        "token_coef": adv["token_coef"],
     }
 
 
@@ -385,7 +417,7 @@ def iteration(config, ph: Phases, state, side: dict, host_prompts, mesh, it: int
     del view
     t_score = time.perf_counter() - t0
     kl_coef = jnp.float32(side["kl_coef"])
-    adv = ph.advantages(r, kl_coef)
+    adv = ph.advantages(r, kl_coef, jnp.float32(it))
     check_finite({k: adv[k] for k in ("advantages", "returns")}, it, "before the update")
     batch = update_batch(seq, r, adv)
     probed = probe_iteration(config, ph, state, batch, adv, it)

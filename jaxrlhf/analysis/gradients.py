@@ -28,29 +28,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf import losses
 from jaxrlhf.analysis.trees import tree_cosine, tree_norm
 
 PARTS = ("pos", "neg", "top", "mid", "bot")
 
 
 def thirds(score: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-    """0/1 masks of the top, middle and bottom thirds of the ``valid`` units by ``score`` (any shape).
-
-    Ranks are by descending score among valid units; with ``n`` valid units the top third holds
-    ranks ``[0, ceil(n/3))``, the middle ``[ceil(n/3), ceil(2n/3))``, the bottom the rest.
-    """
-    flat, ok = score.reshape(-1).astype(jnp.float32), valid.reshape(-1) > 0
-    key = jnp.where(ok, flat, -jnp.inf)
-    order = jnp.argsort(-key, stable=True)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-    n = jnp.sum(ok)
-    cut1, cut2 = (n + 2) // 3, (2 * n + 2) // 3
-    masks = {
-        "top": ok & (rank < cut1),
-        "mid": ok & (rank >= cut1) & (rank < cut2),
-        "bot": ok & (rank >= cut2),
-    }
-    return {k: m.reshape(score.shape).astype(jnp.float32) for k, m in masks.items()}
+    """The TOP/MID/BOT masks of ``losses.rank_thirds`` (the same ranking the coordination knobs use)."""
+    return losses.rank_thirds(score, valid)
 
 
 def decompose(surrogate: Callable[[Any, Any], jax.Array], params: Any, masks: dict[str, Any]) -> dict:

@@ -191,6 +191,7 @@ def bench_ppo_update(cfg_model, a, mesh, peak, rng) -> dict[str, Any]:
     for k, scale in (("old_logprobs", -2.0), ("ref_logprobs", -2.0), ("old_values", 0.5), ("returns", 1.0)):
         host[k] = (scale * rng.random((a.batch, a.seq - 1)) * act).astype(np.float32)
     host["advantages"] = (rng.normal(size=(a.batch, a.seq - 1)) * act).astype(np.float32)
+    host["token_coef"] = act
     flops_per_token = models.flops_per_token(mcfg, a.seq) + models.flops_per_token(ccfg, a.seq)
     return time_train_step("ppo_update", step, state, host, mesh, a, peak, flops_per_token)
 

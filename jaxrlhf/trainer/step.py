@@ -99,7 +99,8 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        denoms = denominators(batch)
+        # the global counts of the batch, and the step counter (for losses with step schedules)
+        denoms = {**denominators(batch), "step": state.step}
         fn = loss_fn
         if views is not None and state.frozen is not None:
             frozen = jax.lax.stop_gradient(state.frozen)

@@ -371,3 +371,54 @@ def test_sampler_with_adapters_equals_the_merged_model(dpo_run):
     with_adapters = sampler(setup.full_params(config, state.params, state.frozen), prompts, mask, key)
     merged = sampler(exported, prompts, mask, key)
     np.testing.assert_array_equal(np.asarray(with_adapters.response_ids), np.asarray(merged.response_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every algorithm trains adapters only, on the untouched base.
+# ----------------------------------------------------------------------------------------------
+def _tiny_lora(name):
+    c = load_config(f"configs/tiny/{name}.py")
+    with c.unlocked():
+        c.lora = d.lora(rank=RANK, alpha=8.0, init="gaussian")
+        c.checkpoint.async_save = False
+        c.optim.lr = 1e-2
+        if "total_steps" in c:
+            c.total_steps = 2
+        if name == "ppo":
+            c.ppo.iterations = 1
+        if name == "dpo_iter":
+            c.dpo_iter.rounds, c.dpo_iter.steps_per_round = 1, 2
+    return c
+
+
+def _roles(config, name):
+    """``{role: (model section, head)}`` of the models a run loads (the base a LoRA run freezes)."""
+    if name == "ppo":
+        return {"actor": (config.model, None), "critic": (config.critic.model, "scalar")}
+    return {None: (config.model, registry.get(name).head)}
+
+
+@pytest.mark.parametrize("name", ["sft", "reward", "simpo", "ppo", "dpo_iter"])
+def test_every_algorithm_trains_adapters_on_a_frozen_base(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = _tiny_lora(name)
+    result = registry.run(config, str(tmp_path / name))
+    state = jax.device_get(result["state"])
+    mesh = make_mesh(config.mesh)
+    for role, (section, head) in _roles(config, name).items():
+        frozen = state.frozen if role is None else state.frozen[role]
+        trainable = state.params if role is None else state.params[role]
+        _, base, _ = setup.load_model(config, section, mesh, head=head)
+        base, f, t = _flat(base), _flat(frozen), _flat(trainable)
+        for k, v in f.items():  # the frozen base is the loaded base, bit for bit
+            np.testing.assert_array_equal(v, base[k], err_msg=k)
+        full = {k for k in t if not k.endswith(("lora_a", "lora_b"))}
+        assert full == ({"score/kernel"} if head == "scalar" else set()), full
+        assert set(f) | full == set(base)
+        assert any(np.abs(v).max() > 0 for k, v in t.items() if k.endswith("lora_b")), "adapters did not move"
+    if name == "reward":  # the scalar head trains in full
+        assert not np.array_equal(_flat(state.params)["score/kernel"], base["score/kernel"])
+    assert os.path.isdir(result["export_dir"])
+    assert os.path.exists(os.path.join(str(tmp_path / name), "peft", "adapter_config.json")) == (
+        name != "reward"
+    )

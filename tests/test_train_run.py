@@ -221,8 +221,12 @@ def test_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
     c = _resume_config(10)
     with c.unlocked():
         c.max_consecutive_skips = 3
+        c.checkpoint.every = 1
     with pytest.raises(harness.TooManySkips, match="3 consecutive steps"):
         registry.run(c, str(tmp_path / "nan"))
+    # every update was skipped: no checkpoint is written while the streak is open
+    steps = [d for d in os.listdir(tmp_path / "nan" / "checkpoints") if d.isdigit()]
+    assert steps == []
 
 
 def _env(devices):

@@ -156,11 +156,16 @@ class Run:
         self.log_.write_prefixed(i, "analysis", {k.removeprefix("analysis/"): v for k, v in metrics.items()})
 
     def end_iteration(self, i: int, state, side: dict) -> bool:
-        """Checkpoints when due (every ``checkpoint.every``, at the end, on a stop signal);
-        returns True when a stop signal asks the driver to leave its loop."""
+        """Checkpoints when due (every ``checkpoint.every``, at the end, on a stop signal) unless a
+        streak of skipped (non-finite) updates is open: the last checkpoint then stays the one
+        from before the streak. Returns True when a stop signal asks the driver to leave its loop."""
         self.result["step"] = i
         stop = self.stop.requested
-        if i % self.config.checkpoint.every == 0 or stop or i == self.total:
+        due = i % self.config.checkpoint.every == 0 or stop or i == self.total
+        if due and int(jax.device_get(state.consecutive_skips)) > 0:
+            logging.warning("%s %d: no checkpoint while updates are being skipped", self.unit, i)
+            due = False
+        if due:
             if self.lora_base is not None:
                 state, side = state.replace(frozen=None), {**side, "lora_base": self.lora_base}
             checkpoint.save(self.manager, i, state, side, force=True)

@@ -151,9 +151,9 @@ def adapter_shardings(w_sharding) -> tuple[Any, Any]:
         return w_sharding, w_sharding
     spec = tuple(w_sharding.spec) + (None,) * (2 - len(w_sharding.spec))
     mesh = w_sharding.mesh
-    return NamedSharding(mesh, PartitionSpec(spec[0], None)), NamedSharding(
-        mesh, PartitionSpec(None, spec[1])
-    )
+    a = NamedSharding(mesh, PartitionSpec(spec[0], None))  # [in, r]
+    b = NamedSharding(mesh, PartitionSpec(None, spec[1]))  # [r, out]
+    return a, b
 
 
 def init_a(key: jax.Array, shape: tuple[int, int], init: str, rank: int, dtype) -> jax.Array:

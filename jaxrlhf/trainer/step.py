@@ -102,7 +102,12 @@ def make_train_step(
         # the global counts of the batch, and the step counter (for losses with step schedules)
         denoms = {**denominators(batch), "step": state.step}
         fn = loss_fn
-        if views is not None and state.frozen is not None:
+        if views is not None:
+            if state.frozen is None:
+                raise ValueError(
+                    "config.lora.rank > 0 but the train state has no frozen base: the driver must split "
+                    "its parameters with setup.lora_split and pass frozen= to setup.make_state"
+                )
             frozen = jax.lax.stop_gradient(state.frozen)
 
             def fn(params, ref_params, mb, denoms, r):

@@ -114,3 +114,17 @@ def response_token_counts(seq: dict) -> jax.Array:
     if "segment_ids" in seq:
         return segment_sums(mask, seq["segment_ids"][:, 1:], seq["input_ids"].shape[1])
     return jnp.sum(mask, axis=-1)
+
+
+def preference_metrics(rc: jax.Array, rr: jax.Array, pol_c: jax.Array, pol_r: jax.Array, n) -> dict:
+    """The DPO family's logged contributions (sums / the global pair count ``n``): implicit rewards of
+    the chosen and rejected answers ``rc``, ``rr`` [B], their accuracy and margin, and the policy's
+    summed log-probs ``pol_c``, ``pol_r`` [B]."""
+    return {
+        "rewards/chosen": jnp.sum(rc) / n,
+        "rewards/rejected": jnp.sum(rr) / n,
+        "rewards/accuracy": jnp.sum(rc > rr) / n,
+        "rewards/margin": jnp.sum(rc - rr) / n,
+        "logps/chosen": jnp.sum(pol_c) / n,
+        "logps/rejected": jnp.sum(pol_r) / n,
+    }

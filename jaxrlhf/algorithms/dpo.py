@@ -14,7 +14,13 @@ from absl import logging
 from jaxrlhf import config_sections as sections
 from jaxrlhf import losses
 from jaxrlhf.algorithms.base import Algorithm
-from jaxrlhf.algorithms.common import pair_denominators, pair_sequences, response_logps, split_pairs
+from jaxrlhf.algorithms.common import (
+    pair_denominators,
+    pair_sequences,
+    preference_metrics,
+    response_logps,
+    split_pairs,
+)
 from jaxrlhf.analysis import gradients
 from jaxrlhf.distributed import gather
 from jaxrlhf.sharding import shard_batch
@@ -69,12 +75,7 @@ def make_dpo_loss(
         return loss, {
             "dpo_loss": dpo,
             "chosen_nll": chosen_nll,
-            "rewards/chosen": jnp.sum(rc) / n,
-            "rewards/rejected": jnp.sum(rr) / n,
-            "rewards/accuracy": jnp.sum(rc > rr) / n,
-            "rewards/margin": jnp.sum(rc - rr) / n,
-            "logps/chosen": jnp.sum(pol_c) / n,
-            "logps/rejected": jnp.sum(pol_r) / n,
+            **preference_metrics(rc, rr, pol_c, pol_r, n),
         }
 
     return loss_fn

@@ -17,6 +17,7 @@ from jaxrlhf.algorithms.base import Algorithm
 from jaxrlhf.algorithms.common import (
     pair_denominators,
     pair_sequences,
+    preference_metrics,
     response_logps,
     response_token_counts,
     split_pairs,
@@ -39,12 +40,7 @@ def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float):
         return simpo + nll_coef * chosen_nll, {
             "simpo_loss": simpo,
             "chosen_nll": chosen_nll,
-            "rewards/chosen": jnp.sum(rc) / n,
-            "rewards/rejected": jnp.sum(rr) / n,
-            "rewards/accuracy": jnp.sum(rc > rr) / n,
-            "rewards/margin": jnp.sum(rc - rr) / n,
-            "logps/chosen": jnp.sum(pol_c) / n,
-            "logps/rejected": jnp.sum(pol_r) / n,
+            **preference_metrics(rc, rr, pol_c, pol_r, n),
         }
 
     return loss_fn

@@ -8,7 +8,6 @@ filled with padding rows of index -1), so each jitted function compiles once.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from flax import nnx
 from jaxrlhf import data as data_lib
 from jaxrlhf import models
 from jaxrlhf.data import schemas
+from jaxrlhf.rollout import decode_texts, load_reward_fn
 
 
 def load_model(path: str, *, head: str | None = None) -> tuple[Any, Any]:
@@ -123,22 +123,6 @@ def prompt_batches(ds, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------------------------ rewards
-def load_callable(spec: str) -> Callable:
-    """``"package.module:function"`` -> the function (the programmatic-reward spec of PPO)."""
-    if ":" not in spec:
-        raise ValueError(f"reward function {spec!r}: expected 'package.module:function'")
-    mod, name = spec.split(":", 1)
-    fn = getattr(importlib.import_module(mod), name, None)
-    if fn is None:
-        raise ValueError(f"reward function {spec!r}: module {mod!r} has no attribute {name!r}")
-    return fn
-
-
-def decode_texts(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
-    """The text of each row's masked tokens, special tokens skipped."""
-    return [
-        tokenizer.decode(r[m > 0].tolist(), skip_special_tokens=True) for r, m in zip(ids, mask, strict=True)
-    ]
 
 
 def make_reward(
@@ -154,7 +138,7 @@ def make_reward(
     if (fn is None) == (model_dir is None):
         raise ValueError("give exactly one of a reward function and a reward-model directory")
     if fn is not None:
-        call = load_callable(fn)
+        call = load_reward_fn(fn)
 
         def programmatic(gen, index):
             ids = np.asarray(gen.prompt_ids), np.asarray(gen.response_ids)

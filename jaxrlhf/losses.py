@@ -1154,6 +1154,39 @@ def reinforce_pp_returns(token_rewards: jax.Array, mask: jax.Array, gamma: float
     return jnp.moveaxis(ret, 0, -1)
 
 
+def _clip_range(ratio_level: str, clip_eps_low: float, clip_eps_high: float | None) -> tuple[float, float]:
+    """``(low, high)`` of :func:`clipped_policy_loss`, checked."""
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(
+            f"clipped_policy_loss: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}"
+        )
+    low = clip_eps_low
+    high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    if not (0 <= low < 1 and high >= 0):
+        raise ValueError(
+            f"clipped_policy_loss: need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {low}, {high}"
+        )
+    return low, high
+
+
+def _policy_inputs(logprobs, old_logprobs, advantages, mask):
+    """``(logprobs, old_logprobs, advantages)`` in the compute dtype, advantages broadcast to ``[B, T]``."""
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    lp, old, adv = _up(logprobs, dtype), _up(old_logprobs, dtype), _up(advantages, dtype)
+    if lp.ndim != 2 or old.shape != lp.shape or jnp.shape(mask) != lp.shape:
+        raise ValueError(
+            "clipped_policy_loss: logprobs, old_logprobs and mask must share one [B, T] shape; got "
+            f"{lp.shape}, {old.shape}, {jnp.shape(mask)}"
+        )
+    if adv.shape == lp.shape[:1]:
+        adv = jnp.broadcast_to(adv[:, None], lp.shape)
+    elif adv.shape != lp.shape:
+        raise ValueError(
+            f"clipped_policy_loss: advantages must be [B] or [B, T] = {lp.shape}, got {adv.shape}"
+        )
+    return lp, old, adv
+
+
 def clipped_policy_loss(
     logprobs: jax.Array,
     old_logprobs: jax.Array,
@@ -1232,29 +1265,8 @@ def clipped_policy_loss(
       Open-Source LLM Reinforcement Learning System at Scale" (clip-higher); Zheng et al. 2025,
       "Group Sequence Policy Optimization" (the sequence ratio).
     """
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(
-            f"clipped_policy_loss: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}"
-        )
-    low = clip_eps_low
-    high = clip_eps_low if clip_eps_high is None else clip_eps_high
-    if not (0 <= low < 1 and high >= 0):
-        raise ValueError(
-            f"clipped_policy_loss: need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {low}, {high}"
-        )
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
-    lp, old, adv = _up(logprobs, dtype), _up(old_logprobs, dtype), _up(advantages, dtype)
-    if lp.ndim != 2 or old.shape != lp.shape or jnp.shape(mask) != lp.shape:
-        raise ValueError(
-            "clipped_policy_loss: logprobs, old_logprobs and mask must share one [B, T] shape; got "
-            f"{lp.shape}, {old.shape}, {jnp.shape(mask)}"
-        )
-    if adv.shape == lp.shape[:1]:
-        adv = jnp.broadcast_to(adv[:, None], lp.shape)
-    elif adv.shape != lp.shape:
-        raise ValueError(
-            f"clipped_policy_loss: advantages must be [B] or [B, T] = {lp.shape}, got {adv.shape}"
-        )
+    low, high = _clip_range(ratio_level, clip_eps_low, clip_eps_high)
+    lp, old, adv = _policy_inputs(logprobs, old_logprobs, advantages, mask)
     valid = jnp.asarray(mask) != 0
     lp, old, adv = (jnp.where(valid, x, 0) for x in (lp, old, adv))
     log_ratio = lp - old  # [B, T], 0 where masked

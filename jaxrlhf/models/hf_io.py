@@ -328,6 +328,90 @@ def _pretty_mismatch(missing, unexpected, bad_shape, path) -> str:
     return "\n".join(lines)
 
 
+def _match_tensors(ckpt, cfg, groups, flat, head, local):
+    """Matches our parameters with the checkpoint's tensors by name and shape before reading any
+    data: ``(resolved {HF name: checkpoint key}, fresh [groups to initialise])``; raises naming the
+    missing, unexpected and wrongly shaped tensors."""
+    prefix = _PREFIX[cfg.family]
+    available = ckpt.shapes()
+    resolved: dict[str, str] = {}  # expected HF name -> checkpoint key
+    missing, bad_shape, fresh = [], [], []
+    for grp in groups:
+        key = grp.hf
+        if key not in available and key.startswith(prefix) and key[len(prefix) :] in available:
+            key = key[len(prefix) :]  # base-model checkpoint saved without the prefix
+        if key not in available:
+            if grp.hf == "score.weight":
+                fresh.append(grp)
+                continue
+            missing.append(grp.hf)
+            continue
+        want = _hf_shape(grp, [flat[o].shape for o in grp.ours], cfg)
+        if tuple(available[key]) != want:
+            hint = " (a scalar head needs num_labels=1)" if grp.hf == "score.weight" else ""
+            bad_shape.append((key + hint, tuple(available[key]), want))
+        resolved[grp.hf] = key
+    used = set(resolved.values())
+    droppable = (
+        {"lm_head.weight", "embed_out.weight"} if (head == "scalar" or cfg.tie_word_embeddings) else set()
+    )
+    unexpected = [
+        k
+        for k in ckpt.files
+        if k not in used and k not in droppable and not any(re.search(p, k) for p in _IGNORABLE)
+    ]
+    if missing or unexpected or bad_shape:
+        raise ValueError(_pretty_mismatch(missing, unexpected, bad_shape, local))
+
+    return resolved, fresh
+
+
+def _read_tensors(ckpt, cfg, groups, resolved, fresh, flat, shardings, seed, local):
+    """Reads one tensor at a time, places it (sharded, in ``param_dtype``) and drops the host copy;
+    fresh scalar heads are initialised. Returns ``{our path: array}``."""
+    pd = jnp.dtype(cfg.param_dtype)
+    values: dict[str, jax.Array] = {}
+
+    def put(x: np.ndarray, sharding) -> jax.Array:
+        if sharding is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def place(name: str, x: np.ndarray, transpose: bool = False) -> jax.Array:
+        """Host tensor -> device array of ``name`` in ``param_dtype``; the cast (and, for torch
+        ``[out, in]`` weights, the transpose) runs on device, sharded like the target."""
+        target = shardings.get(name)
+        src = target
+        if transpose and target is not None:
+            spec = tuple(target.spec) + (None,) * (x.ndim - len(target.spec))
+            src = NamedSharding(target.mesh, PartitionSpec(*reversed(spec)))
+        out = _device_layout(put(x, src), pd.name, transpose)
+        if target is not None and not out.sharding.is_equivalent_to(target, out.ndim):
+            out = jax.device_put(out, target)
+        return out
+
+    for grp in groups:
+        if grp in fresh:
+            continue
+        x = ckpt.get(resolved[grp.hf])
+        if grp.kind == "T":
+            values[grp.ours[0]] = place(grp.ours[0], x, transpose=True)
+        else:
+            for o, part in zip(grp.ours, _to_ours(grp, x, cfg), strict=True):
+                values[o] = place(o, part)
+        del x
+    for grp in fresh:
+        (o,) = grp.ours
+        std = 1.0 / math.sqrt(cfg.hidden_size + 1)
+        init = np.asarray(jax.random.normal(jax.random.key(seed), flat[o].shape, jnp.float32)) * std
+        values[o] = place(o, init)
+        log.info(
+            "from_pretrained: %s has no score.weight; initialised a fresh scalar head (std %.4g)", local, std
+        )
+
+    return values
+
+
 def from_pretrained(
     path: str,
     *,
@@ -375,79 +459,9 @@ def from_pretrained(
         sh_tree = shd.named_shardings(mesh, rules if rules is not None else partition_rules(cfg), abs_state)
         shardings = {shd.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(sh_tree)[0]}
 
-    # ---- match names and shapes before reading any data
-    prefix = _PREFIX[cfg.family]
-    available = ckpt.shapes()
-    resolved: dict[str, str] = {}  # expected HF name -> checkpoint key
-    missing, bad_shape, fresh = [], [], []
     groups = weight_groups(cfg)
-    for grp in groups:
-        key = grp.hf
-        if key not in available and key.startswith(prefix) and key[len(prefix) :] in available:
-            key = key[len(prefix) :]  # base-model checkpoint saved without the prefix
-        if key not in available:
-            if grp.hf == "score.weight":
-                fresh.append(grp)
-                continue
-            missing.append(grp.hf)
-            continue
-        want = _hf_shape(grp, [flat[o].shape for o in grp.ours], cfg)
-        if tuple(available[key]) != want:
-            hint = " (a scalar head needs num_labels=1)" if grp.hf == "score.weight" else ""
-            bad_shape.append((key + hint, tuple(available[key]), want))
-        resolved[grp.hf] = key
-    used = set(resolved.values())
-    droppable = (
-        {"lm_head.weight", "embed_out.weight"} if (head == "scalar" or cfg.tie_word_embeddings) else set()
-    )
-    unexpected = [
-        k
-        for k in ckpt.files
-        if k not in used and k not in droppable and not any(re.search(p, k) for p in _IGNORABLE)
-    ]
-    if missing or unexpected or bad_shape:
-        raise ValueError(_pretty_mismatch(missing, unexpected, bad_shape, local))
-
-    # ---- read one tensor at a time, place it, drop the host copy
-    pd = jnp.dtype(cfg.param_dtype)
-    values: dict[str, jax.Array] = {}
-
-    def put(x: np.ndarray, sharding) -> jax.Array:
-        if sharding is None:
-            return jnp.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    def place(name: str, x: np.ndarray, transpose: bool = False) -> jax.Array:
-        """Host tensor -> device array of ``name`` in ``param_dtype``; the cast (and, for torch
-        ``[out, in]`` weights, the transpose) runs on device, sharded like the target."""
-        target = shardings.get(name)
-        src = target
-        if transpose and target is not None:
-            spec = tuple(target.spec) + (None,) * (x.ndim - len(target.spec))
-            src = NamedSharding(target.mesh, PartitionSpec(*reversed(spec)))
-        out = _device_layout(put(x, src), pd.name, transpose)
-        if target is not None and not out.sharding.is_equivalent_to(target, out.ndim):
-            out = jax.device_put(out, target)
-        return out
-
-    for grp in groups:
-        if grp in fresh:
-            continue
-        x = ckpt.get(resolved[grp.hf])
-        if grp.kind == "T":
-            values[grp.ours[0]] = place(grp.ours[0], x, transpose=True)
-        else:
-            for o, part in zip(grp.ours, _to_ours(grp, x, cfg), strict=True):
-                values[o] = place(o, part)
-        del x
-    for grp in fresh:
-        (o,) = grp.ours
-        std = 1.0 / math.sqrt(cfg.hidden_size + 1)
-        init = np.asarray(jax.random.normal(jax.random.key(seed), flat[o].shape, jnp.float32)) * std
-        values[o] = place(o, init)
-        log.info(
-            "from_pretrained: %s has no score.weight; initialised a fresh scalar head (std %.4g)", local, std
-        )
+    resolved, fresh = _match_tensors(ckpt, cfg, groups, flat, head, local)
+    values = _read_tensors(ckpt, cfg, groups, resolved, fresh, flat, shardings, seed, local)
 
     def fill(p, leaf):
         return values[shd.path_str(p)]

@@ -32,6 +32,9 @@ def common(algorithm: str) -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.max_consecutive_skips = 10  # non-finite updates in a row before the run stops with an error
     c.export_hf = True  # write <workdir>/hf (config.json + safetensors) at the end
+    c.compilation_cache_dir = (
+        ""  # JAX's persistent compilation cache (reruns/resumes skip compiles); "" = off
+    )
     return c
 
 

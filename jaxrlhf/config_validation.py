@@ -171,7 +171,7 @@ RULES: tuple[Rule, ...] = (
     # ---- GRPO
     Rule("grpo.samples_per_prompt", int, "[2, inf)"),  # a group needs 2 samples for a baseline
     Rule("grpo.clip_eps", float, POS),
-    Rule("grpo.clip_eps_high", float, POS),
+    Rule("grpo.clip_eps_high", float, "[0, inf) or None"),  # 0 / None: symmetric (clip_eps)
     # ---- iterative DPO
     Rule("dpo_iter.rounds", int, AT_LEAST_1),
     Rule("dpo_iter.prompts_per_round", int, AT_LEAST_1),

@@ -292,3 +292,15 @@ def test_evaluate_cli_writes_metrics(tmp_path):
     res = json.loads(out.read_text())
     assert res["prompts"] == 8 and 0.0 <= res["win_rate"] <= 1.0
     assert abs(res["kl_to_reference"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_ratio_is_one_at_the_first_minibatch_with_a_sampling_temperature(tmp_path, monkeypatch):
+    """The update's policy is the sampling distribution (logits / temperature), as in the score
+    phase: with temperature 0.7 the first minibatch's ratio is still exactly 1."""
+    monkeypatch.chdir(ROOT)
+    c = tiny(**{"ppo.iterations": 1, "generation.temperature": 0.7, "export_hf": False})
+    res = registry.run(c, str(tmp_path / "t"))
+    h = res["history"][0]
+    assert h["rollout/sampling_logprob_max_dev"] < 1e-4
+    assert h["train/first_minibatch_ratio_max_dev"] < 1e-4

@@ -356,3 +356,29 @@ def test_packed_preference_run_matches_padded(name, tmp_path, monkeypatch):
         padded_pad = np.mean([h["data/padding_fraction"] for h in padded["history"]])
         # The reward fixture's transcripts are mostly longer than half a row: nothing to pack there.
         assert pad < padded_pad if name == "dpo" else pad <= padded_pad
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache_and_compile_count(tmp_path):
+    """``config.compilation_cache_dir`` fills JAX's cache on the first run; the rerun's compiles
+    (one fixed batch shape: one compile, counted and timed in the log) load from it."""
+    cache = tmp_path / "cache"
+    env = dict(_env(1), JAX_PLATFORMS="cpu")
+
+    def run(name):
+        cmd = [
+            sys.executable, "-m", "jaxrlhf.train", "--config=configs/tiny/sft.py",
+            f"--workdir={tmp_path / name}", f"--config.compilation_cache_dir={cache}",
+            "--config.total_steps=4", "--config.log_every=4",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    first = run("a")
+    assert "perf/compiles=1" in first
+    assert any(cache.iterdir())  # the compiled step was written to the cache
+    entries = sorted(p.name for p in cache.iterdir())
+    second = run("b")
+    assert "perf/compiles=1" in second
+    assert sorted(p.name for p in cache.iterdir()) == entries  # the rerun hit the cache: nothing new

@@ -57,16 +57,20 @@ def kl_coef_update(coef: float, kl: float, n_samples: int, *, target: float, hor
     return float(coef * (1.0 + err * n_samples / horizon))
 
 
-def ppo_losses(params, ref_params, batch, denoms, rng, *, graphdefs, cfg, kl_coef) -> tuple[jax.Array, dict]:
+def ppo_losses(
+    params, ref_params, batch, denoms, rng, *, graphdefs, cfg, kl_coef, temperature: float = 1.0
+) -> tuple[jax.Array, dict]:
     """Clipped policy + value loss (+ entropy bonus, + optional KL loss) as global-token-mean contributions.
 
     ``batch`` holds a minibatch of the rollout: the sequence keys and the action arrays
     ``old_logprobs``, ``old_values``, ``advantages``, ``returns``, ``ref_logprobs`` (``[b, T-1]``);
-    ``kl_coef`` is a scalar argument of the update (used when ``cfg.kl_mode == "loss"``).
+    ``kl_coef`` is a scalar argument of the update (used when ``cfg.kl_mode == "loss"``); the
+    policy is the sampling distribution, logits / ``temperature`` (``generation.temperature``), as
+    in the score phase, so the ratio is exactly 1 at the first minibatch.
     """
     del ref_params, rng
     actor_gd, critic_gd = graphdefs
-    logits = apply_model(actor_gd, params["actor"], batch)
+    logits = apply_model(actor_gd, params["actor"], batch).astype(jnp.float32) / temperature
     logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
     valid = mask > 0
     values = apply_model(critic_gd, params["critic"], batch)[:, :-1].astype(jnp.float32)
@@ -199,7 +203,7 @@ def kl_controller(pc):
     return lambda coef, kl: kl_coef_update(coef, kl, n, target=target, horizon=horizon)
 
 
-def make_probe(actor_gd, cfg, mesh):
+def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0):
     """``probe(actor_params, minibatch, raw_advantages) -> metrics``: the clipped policy loss's
     gradient on one minibatch split into positive (A > 0) and negative (A < 0) tokens and the
     TOP/MID/BOT thirds of tokens by |A| with their mean raw advantage (``jaxrlhf.analysis.gradients``;
@@ -211,7 +215,7 @@ def make_probe(actor_gd, cfg, mesh):
             adv, n = batch["advantages"], jnp.maximum(jnp.sum(valid), 1.0)
 
             def surrogate(p, m):
-                logits = apply_model(actor_gd, p, batch)
+                logits = apply_model(actor_gd, p, batch).astype(jnp.float32) / temperature
                 logps, _ = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
                 pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], adv, clip_eps=cfg.clip_eps)
                 return jnp.sum(m * pg * batch["token_coef"]) / n
@@ -340,7 +344,9 @@ def build(config, mesh, tokenizer, prompts_ds):
         follow_reference=setup.reference_follows(config),
     )  # fmt: skip
     del params
-    loss_fn = functools.partial(ppo_losses, graphdefs=(roles.actor_gd, roles.critic_gd), cfg=pc)
+    loss_fn = functools.partial(
+        ppo_losses, graphdefs=(roles.actor_gd, roles.critic_gd), cfg=pc, temperature=gc.temperature
+    )
     phases = Phases(
         sampler=rollout.config_sampler(
             roles.actor_gd,
@@ -359,7 +365,7 @@ def build(config, mesh, tokenizer, prompts_ds):
         kl_control=kl_controller(pc),
     )
     if config.analysis.every > 0:
-        phases.probe = make_probe(roles.actor_gd, pc, mesh)
+        phases.probe = make_probe(roles.actor_gd, pc, mesh, gc.temperature)
         phases.stability = gradients.TargetStability(state.params["actor"])
     return roles, state, shardings, phases, schedule
 

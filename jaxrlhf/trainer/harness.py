@@ -37,6 +37,7 @@ COMMON_RESUMABLE_KEYS = (
     "export_hf",
     "progress_bar",
     "max_consecutive_skips",
+    "compilation_cache_dir",
 )
 
 
@@ -195,12 +196,25 @@ class Run:
             self.result["peft_dir"] = out.get("peft")
 
 
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` (``config.compilation_cache_dir``; "" = off):
+    a rerun or a resume of the same config loads its compiled steps instead of compiling them."""
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    logging.info("persistent compilation cache: %s", path)
+
+
 def start(config, algorithm) -> None:
     """What every driver does first, before anything is written: ``jax.distributed`` from the
     environment, quiet library logs, renamed keys, every numeric key's range and type
     (``config_validation``), local paths, then the algorithm's own validation."""
     distributed.maybe_initialize()
     quiet_libraries()
+    enable_compilation_cache(config.compilation_cache_dir)
     check_renamed_keys(config, algorithm)
     config_validation.validate_config(config)  # ranges and types of every numeric key, before any write
     config_validation.check_paths(config)  # a missing local path says so, naming its key

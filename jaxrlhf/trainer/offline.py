@@ -81,6 +81,7 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
                 host["lr"] = float(t.schedule(applied))
                 host["data/padding_fraction"] = train_it.last_padding_fraction
                 host["skipped_total"] = float(jax.device_get(state.skipped))
+                host["perf/compiles"], host["perf/compile_s"] = float(t.step.compiles), t.step.compile_s
                 run_.log(step, host, console=True)
                 run_.check_skips(state, step)
             if eval_step is not None and eval_every > 0 and step % eval_every == 0:

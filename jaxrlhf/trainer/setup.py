@@ -264,21 +264,29 @@ class CompiledStep:
         self.jitted = jitted
         self.executables: dict[Any, Any] = {}
         self.memory: dict[str, int] = {}
+        self.compiles = 0  # distinct batch shapes compiled (logged as perf/compiles)
+        self.compile_s = 0.0  # seconds spent lowering and compiling them (perf/compile_s)
+
+    def _compile(self, key, state, batch):
+        t = time.perf_counter()
+        exe = self.executables[key] = self.jitted.lower(state, batch).compile()
+        self.compiles += 1
+        self.compile_s += time.perf_counter() - t
+        self.memory = log_memory(exe, key)
+        return exe
 
     def precompile(self, state, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]) -> None:
         """Compiles ahead for a batch shape (``{key: (shape, dtype)}``), e.g. every bucket length."""
         key = tuple(sorted((k, tuple(shape)) for k, (shape, _) in batch_shapes.items()))
         if key not in self.executables:
             abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in batch_shapes.items()}
-            self.executables[key] = self.jitted.lower(state, abstract).compile()
-            self.memory = log_memory(self.executables[key], key)
+            self._compile(key, state, abstract)
 
     def __call__(self, state, batch):
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         exe = self.executables.get(key)
         if exe is None:
-            exe = self.executables[key] = self.jitted.lower(state, batch).compile()
-            self.memory = log_memory(exe, key)
+            exe = self._compile(key, state, batch)
         return exe(state, batch)
 
 

@@ -41,10 +41,11 @@ from jaxrlhf import losses, rollout
 from jaxrlhf.algorithms.base import Algorithm
 from jaxrlhf.algorithms.common import apply_model
 from jaxrlhf.algorithms.ppo import actor_of, check_finite, jit_update, make_score_fn, phase_times
+from jaxrlhf.analysis import gradients
 from jaxrlhf.config_validation import Rule, check_rule
 from jaxrlhf.distributed import gather
 from jaxrlhf.rollout import score_positions
-from jaxrlhf.sharding import make_mesh
+from jaxrlhf.sharding import activation_mesh, make_mesh
 from jaxrlhf.trainer import harness, setup
 from jaxrlhf.trainer.optim import make_optimizer
 
@@ -275,6 +276,54 @@ def make_update_fn(config, s: Settings, loss_fn, tx):
     return update
 
 
+def make_probe(graphdef, s: Settings, mesh):
+    """``probe(actor_params, minibatch) -> metrics``: the clipped policy loss's gradient on one
+    minibatch split into tokens with A > 0 / A < 0 and the TOP/MID/BOT thirds of tokens by |A|
+    (``jaxrlhf.analysis.gradients``; the KL and entropy terms are not split)."""
+
+    def probe(actor_params, batch):
+        with activation_mesh(mesh):
+            valid = (batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)
+            adv = batch["advantages"]
+            adv_t = jnp.broadcast_to(adv[:, None], valid.shape) if adv.ndim == 1 else adv
+            n = jnp.maximum(jnp.sum(valid), 1.0)
+
+            def surrogate(p, m):
+                logits = apply_model(graphdef, p, batch).astype(jnp.float32) / s.temperature
+                logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+                pg, _ = losses.clipped_policy_loss(
+                    logps,
+                    batch["old_logprobs"],
+                    adv,
+                    mask,
+                    clip_eps_low=s.clip_eps,
+                    clip_eps_high=s.clip_eps_high,
+                    ratio_level=s.ratio_level,
+                )
+                return jnp.sum(m * pg) / n
+
+            masks = {"total": valid, "pos": valid * (adv_t > 0), "neg": valid * (adv_t < 0)}
+            masks.update(gradients.thirds(jnp.abs(adv_t), valid))
+            out = gradients.decompose(surrogate, actor_params, masks)
+            for k in ("top", "mid", "bot"):
+                out[f"analysis/adv_mean_{k}"] = jnp.sum(masks[k] * adv_t) / jnp.maximum(
+                    jnp.sum(masks[k]), 1.0
+                )
+        return out
+
+    return jax.jit(probe)
+
+
+def probe_iteration(config, s: Settings, ph, state, batch: dict, it: int) -> dict[str, float]:
+    """Every ``config.analysis.every`` iterations: the decomposition on the first minibatch at the
+    pre-update actor and the stability of its update direction; ``{}`` otherwise."""
+    if ph.probe is None or it % config.analysis.every:
+        return {}
+    rows = jnp.arange(config.grpo.minibatch_size)
+    out = jax.device_get(ph.probe(state.params["actor"], jax.tree.map(lambda x: x[rows], batch)))
+    return {**{k: float(v) for k, v in out.items()}, **ph.stability.update(state.params["actor"])}
+
+
 @dataclasses.dataclass
 class Phases:
     """The jitted phases of one iteration and the reward source."""
@@ -284,6 +333,8 @@ class Phases:
     reward: Any
     advantages: Any
     update: Any
+    probe: Any = None  # with config.analysis.every > 0: the gradient decomposition (make_probe)
+    stability: Any = None
 
 
 def build(config, s: Settings, mesh, tokenizer, prompts_ds):
@@ -302,6 +353,9 @@ def build(config, s: Settings, mesh, tokenizer, prompts_ds):
         advantages=jax.jit(lambda r, score, kl_coef: advantages(r, score, kl_coef, s)),
         update=jit_update(make_update_fn(config, s, loss_fn, tx), shardings, mesh),
     )
+    if config.analysis.every > 0:
+        phases.probe = make_probe(graphdef, s, mesh)
+        phases.stability = gradients.TargetStability(state.params["actor"])
     return graphdef, state, shardings, phases, schedule
 
 
@@ -346,8 +400,10 @@ def iteration(config, s: Settings, ph: Phases, state, host_prompts, mesh, it: in
     adv = ph.advantages(r, r["score"], kl_coef)
     check_finite({"advantages": adv["advantages"]}, it, "before the update")
     t_adv = time.perf_counter() - t0
+    batch = update_batch(seq, r, adv)
+    probed = probe_iteration(config, s, ph, state, batch, it)
     t0 = time.perf_counter()
-    state, metrics = ph.update(state, update_batch(seq, r, adv), jax.random.key_data(train_rng), kl_coef)
+    state, metrics = ph.update(state, batch, jax.random.key_data(train_rng), kl_coef)
     metrics = jax.device_get(metrics)
     t_train = time.perf_counter() - t0
 
@@ -358,6 +414,7 @@ def iteration(config, s: Settings, ph: Phases, state, host_prompts, mesh, it: in
     n_tokens = float(np.sum(gather(out.response_mask)))
     m.update(phase_times(n_tokens, t_gen, t_score, t_train, s.epochs))
     m["time/advantages"] = t_adv
+    m.update(probed)
     host = {k: gather(v) for k, v in {"score": r["score"], "action_mask": r["action_mask"], **adv}.items()}
     return state, m, host
 
@@ -433,7 +490,7 @@ ALGORITHM = Algorithm(
     uses_reference=True,
     run=run,
     unit="iteration",
-    sections={"grpo": sections.grpo, "ref": sections.ref},
+    sections={"grpo": sections.grpo, "ref": sections.ref, "analysis": sections.analysis},
     resumable_keys=("grpo.iterations",),
     validate=validate,
 )

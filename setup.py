@@ -27,7 +27,10 @@ setup(
     ],
     extras_require={
         "demo": ["matplotlib>=3.8"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6.0", "matplotlib>=3.8"],
+        # peft: the LoRA export is checked by loading it with peft onto the transformers base model
+        "test": [
+            "pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6.0", "matplotlib>=3.8", "peft>=0.13"
+        ],  # fmt: skip
         "bench": ["matplotlib>=3.8", "trl>=0.19", "torch>=2.4"],
     },
 )

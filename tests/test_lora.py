@@ -358,6 +358,22 @@ def test_resume_is_bit_exact_and_a_different_base_is_refused(dpo_run, base_dir, 
         registry.run(_dpo_lora(base, 6), work)
 
 
+def test_precomputed_reference_matches_the_adapters_off_reference(dpo_run, base_dir, tmp_path):
+    """``ref.precompute`` computes the reference on the base before the split: the same losses as
+    the in-step reference (the base with the adapters off)."""
+    straight, _ = dpo_run
+    c = _dpo_lora(base_dir, 3)  # the policy moves from step 2 (lr warms up from 0 at step 1)
+    with c.unlocked():
+        c.ref.precompute = True
+        c.export_hf = False
+    pre = registry.run(c, str(tmp_path / "pre"))
+    assert pre["state"].ref_params is None
+    assert straight["history"][2]["loss"] != straight["history"][0]["loss"]
+    for h_pre, h in zip(pre["history"], straight["history"][:3], strict=True):
+        np.testing.assert_allclose(h_pre["loss"], h["loss"], rtol=1e-5)
+        np.testing.assert_allclose(h_pre["rewards/margin"], h["rewards/margin"], rtol=1e-4, atol=1e-6)
+
+
 def test_sampler_with_adapters_equals_the_merged_model(dpo_run):
     """The rollout sampler fed the adapters merged into the base (``setup.full_params``) decodes the
     same greedy tokens as the exported merged model loaded back from disk."""

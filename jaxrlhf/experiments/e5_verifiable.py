@@ -270,7 +270,8 @@ def table_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict, path: str) -> None:
+def plot(res: dict, path: str, title: str = "E5 verifiable answers") -> None:
+    """pass@k against k (log scale) for every policy of ``res["table"]``, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +287,7 @@ def plot(res: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (held-out prompts)")
-    ax.set_title(f"E5 verifiable answers, mean ± std over {res['seeds']} seeds")
+    ax.set_title(f"{title}, mean ± std over {res['seeds']} seeds")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()

@@ -207,32 +207,14 @@ def table_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    for name, r in res["table"].items():
-        ks = sorted(int(m.split("@")[1]) for m in r if m.startswith("pass@"))
-        ax.errorbar(
-            ks, [r[f"pass@{k}"]["mean"] for k in ks], yerr=[r[f"pass@{k}"]["std"] for k in ks],
-            marker="o", capsize=3, label=name,
-        )  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (held-out prompts)")
-    ax.set_title(f"E8 critic-free vs PPO, mean ± std over {res['seeds']} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write_outputs(res: dict, out: str) -> None:
-    q.write_outputs(out, table_markdown(res), res, lambda path: plot(res, path), "pass_at_k.png")
+    q.write_outputs(
+        out,
+        table_markdown(res),
+        res,
+        lambda path: e5.plot(res, path, "E8 critic-free vs PPO"),
+        "pass_at_k.png",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

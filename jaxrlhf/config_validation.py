@@ -181,7 +181,6 @@ RULES: tuple[Rule, ...] = (
     # ---- LoRA
     Rule("lora.rank", int, NONNEG),  # 0: full fine-tuning
     Rule("lora.alpha", float, POS),
-    Rule("lora.dropout", float, UNIT_OPEN),
 )
 
 

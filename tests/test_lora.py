@@ -403,6 +403,8 @@ def _tiny_lora(name):
             c.total_steps = 2
         if name == "ppo":
             c.ppo.iterations = 1
+        if name == "grpo":
+            c.grpo.iterations = 1
         if name == "dpo_iter":
             c.dpo_iter.rounds, c.dpo_iter.steps_per_round = 1, 2
     return c
@@ -412,13 +414,15 @@ def _roles(config, name):
     """``{role: (model section, head)}`` of the models a run loads (the base a LoRA run freezes)."""
     if name == "ppo":
         return {"actor": (config.model, None), "critic": (config.critic.model, "scalar")}
+    if name == "grpo":
+        return {"actor": (config.model, None)}
     return {None: (config.model, registry.get(name).head)}
 
 
 # sft and simpo take the offline path of the DPO run above; reward (a fully trained head), PPO (two
-# models, an EMA reference of the adapters) and DPO-Iter (a reset reference) add to it.
+# models, an EMA reference of the adapters), DPO-Iter (a reset reference) and GRPO add to it.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["reward", "ppo", "dpo_iter"])
+@pytest.mark.parametrize("name", ["reward", "ppo", "dpo_iter", "grpo"])
 def test_every_algorithm_trains_adapters_on_a_frozen_base(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = _tiny_lora(name)

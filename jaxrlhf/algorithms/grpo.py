@@ -314,14 +314,15 @@ def make_probe(graphdef, s: Settings, mesh):
     return jax.jit(probe)
 
 
-def probe_iteration(config, s: Settings, ph, state, batch: dict, it: int) -> dict[str, float]:
+def probe_iteration(config, s: Settings, ph, view, trainable, batch: dict, it: int) -> dict[str, float]:
     """Every ``config.analysis.every`` iterations: the decomposition on the first minibatch at the
-    pre-update actor and the stability of its update direction; ``{}`` otherwise."""
+    pre-update actor (``view``; LoRA: merged weights) and the stability of the trainable actor's
+    update direction; ``{}`` otherwise."""
     if ph.probe is None or it % config.analysis.every:
         return {}
     rows = jnp.arange(config.grpo.minibatch_size)
-    out = jax.device_get(ph.probe(state.params["actor"], jax.tree.map(lambda x: x[rows], batch)))
-    return {**{k: float(v) for k, v in out.items()}, **ph.stability.update(state.params["actor"])}
+    out = jax.device_get(ph.probe(view.params["actor"], jax.tree.map(lambda x: x[rows], batch)))
+    return {**{k: float(v) for k, v in out.items()}, **ph.stability.update(trainable)}
 
 
 @dataclasses.dataclass
@@ -341,13 +342,22 @@ def build(config, s: Settings, mesh, tokenizer, prompts_ds):
     """``(graphdef, state, shardings, phases, schedule)``: the actor (no critic), the sharded train
     state (reference = a copy of the actor) and the jitted phases."""
     graphdef, actor, _ = setup.load_model(config, config.model, mesh)
-    params = {"actor": actor}
+    params, frozen = setup.lora_split(config, {"actor": actor})  # LoRA: adapters trained, base frozen
     tx, schedule = make_optimizer(config.optim, s.iterations * s.epochs * s.minibatches)
-    state, shardings = setup.make_state(tx, params, mesh, ref_of=actor_of, seed=config.seed)
+    state, shardings = setup.make_state(
+        tx, params, mesh, ref_of=actor_of, seed=config.seed, frozen=frozen,
+        follow_reference=setup.reference_follows(config),
+    )  # fmt: skip
     del params, actor
     loss_fn = functools.partial(grpo_loss, graphdef=graphdef, s=s)
     phases = Phases(
-        sampler=rollout.config_sampler(graphdef, config.generation, tokenizer, mesh, state.params["actor"]),
+        sampler=rollout.config_sampler(
+            graphdef,
+            config.generation,
+            tokenizer,
+            mesh,
+            setup.full_params(config, state.params, state.frozen)["actor"],
+        ),
         score=make_score_fn(graphdef, None, mesh, s.temperature),
         reward=rollout.build_reward(config, mesh, tokenizer, prompts_ds),
         advantages=jax.jit(lambda r, score, kl_coef: advantages(r, score, kl_coef, s)),
@@ -391,9 +401,14 @@ def iteration(config, s: Settings, ph: Phases, state, host_prompts, mesh, it: in
     with ``rollout`` the host arrays of this iteration (score, advantages, keep, action mask)."""
     gen_rng, train_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 1), it))
     prompts = rollout.repeat_prompts(host_prompts, s.samples_per_prompt)
-    out, seq, t_gen = rollout.generate(ph.sampler, state.params["actor"], prompts, mesh, gen_rng)
+    # LoRA: the adapters merged into the base once per rollout (``setup.full_params``).
+    view = state.replace(
+        params=setup.full_params(config, state.params, state.frozen),
+        ref_params=setup.reference_params(config, state, actor_of),
+    )
+    out, seq, t_gen = rollout.generate(ph.sampler, view.params["actor"], prompts, mesh, gen_rng)
     t0 = time.perf_counter()
-    r, raw, sampling_dev = score_phase(ph, state, out, seq, prompts, config, mesh, it)
+    r, raw, sampling_dev = score_phase(ph, view, out, seq, prompts, config, mesh, it)
     t_score = time.perf_counter() - t0
     kl_coef = jnp.float32(s.kl_coef)
     t0 = time.perf_counter()
@@ -401,7 +416,8 @@ def iteration(config, s: Settings, ph: Phases, state, host_prompts, mesh, it: in
     check_finite({"advantages": adv["advantages"]}, it, "before the update")
     t_adv = time.perf_counter() - t0
     batch = update_batch(seq, r, adv)
-    probed = probe_iteration(config, s, ph, state, batch, it)
+    probed = probe_iteration(config, s, ph, view, state.params["actor"], batch, it)
+    del view
     t0 = time.perf_counter()
     state, metrics = ph.update(state, batch, jax.random.key_data(train_rng), kl_coef)
     metrics = jax.device_get(metrics)
@@ -479,7 +495,7 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
             if run_.end_iteration(it, state, {"data": prompt_it.get_state()}):
                 break
     run_.result.update(state=state, graphdef=graphdef, last_rollout=host)
-    run_.export(graphdef, state.params["actor"])
+    run_.export(graphdef, state.params["actor"], None if state.frozen is None else actor_of(state.frozen))
     return run_.result
 
 

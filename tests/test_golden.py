@@ -289,9 +289,11 @@ PPO_PROMPTS = ["it was", "my family saw", "this thriller is", "to be honest this
 
 def ppo_reward(prompts, responses, rows=None):
     """The run's programmatic reward (``config.reward.fn = "test_golden:ppo_reward"``): varied,
-    and computed here again from the PyTorch rollout's decoded text."""
+    and computed here again from the PyTorch rollout's decoded text. Its scale (about -0.2 .. 2.3
+    on this rollout) lets both the clip at 1.0 and the missing-EOS penalty of 0.7 change scores
+    (a larger scale clipped every cut response to 1.0 and hid the penalty)."""
     return np.array(
-        [0.3 * len(r) - 0.1 * len(p) + 0.5 * r.count("e") for p, r in zip(prompts, responses, strict=True)]
+        [0.05 * len(r) - 0.03 * len(p) + 0.1 * r.count("e") for p, r in zip(prompts, responses, strict=True)]
     )
 
 

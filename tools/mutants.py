@@ -167,7 +167,7 @@ def run_one(m: Mutant, copy: str, timeout: float) -> tuple[str, float, str]:
         proc = subprocess.run(
             cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout
         )
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
     except subprocess.TimeoutExpired:
         rc, tail = None, f"no result after {timeout:.0f}s"
     finally:
@@ -176,8 +176,10 @@ def run_one(m: Mutant, copy: str, timeout: float) -> tuple[str, float, str]:
     seconds = time.perf_counter() - t0
     if rc is None:
         return "timeout", seconds, tail
-    if rc in (1, 2, 3):
+    if rc == 1:
         return "caught", seconds, tail
+    if rc in (2, 3):
+        return "caught (collection/internal error)", seconds, tail
     if rc == 0:
         return "SURVIVED", seconds, tail
     return f"error (pytest exit {rc})", seconds, tail
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     ap.add_argument("--deadline", type=float, default=0.0, help="stop starting mutations after this many s")
     ap.add_argument("--report", default="", help="also write a Markdown table here")
+    ap.add_argument("--logs", default="", help="write each mutation's pytest output tail to DIR/<name>.txt")
     args = ap.parse_args(argv)
 
     mutants = parse(args.list_file)
@@ -231,10 +234,14 @@ def main(argv=None) -> int:
                 break
             result, seconds, tail = run_one(m, copy, args.timeout)
             rows.append((m, result, seconds))
+            if args.logs:
+                os.makedirs(args.logs, exist_ok=True)
+                with open(os.path.join(args.logs, m.name + ".txt"), "w") as f:
+                    f.write(tail)
             print(f"[{i}/{len(mutants)}] {m.name}: {result} ({seconds:.0f}s)", flush=True)
-            if result != "caught":
+            if not result.startswith("caught"):
                 print("    " + tail.replace("\n", "\n    "), flush=True)
-    caught = sum(r == "caught" for _, r, _ in rows)
+    caught = sum(r.startswith("caught") for _, r, _ in rows)
     total = time.perf_counter() - t_start
     print(f"caught {caught}/{len(rows)} mutations in {total:.0f}s")
     if args.report:

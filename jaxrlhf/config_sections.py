@@ -30,7 +30,10 @@ def common(algorithm: str) -> ml_collections.ConfigDict:
     c.checkpoint = dict(every=500, keep=3, async_save=True)  # every: in the driver's unit (see README)
     c.log_every = 10
     c.progress_bar = True
-    c.max_consecutive_skips = 10  # non-finite updates in a row before the run stops with an error
+    c.max_consecutive_skips = 10  # skipped updates in a row before the run stops with an error
+    # divergence guard: after `warmup` applied updates, skip a step whose gradient norm exceeds
+    # `factor` x the running mean (EMA `decay`) of the applied ones; factor 0 = off
+    c.guard = dict(factor=0.0, warmup=10, decay=0.9)
     c.export_hf = True  # write <workdir>/hf (config.json + safetensors) at the end
     c.compilation_cache_dir = (
         ""  # JAX's persistent compilation cache (reruns/resumes skip compiles); "" = off

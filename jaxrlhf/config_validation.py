@@ -90,6 +90,9 @@ RULES: tuple[Rule, ...] = (
     Rule("log_every", int, AT_LEAST_1),
     Rule("progress_bar", bool),
     Rule("max_consecutive_skips", int, AT_LEAST_1),
+    Rule("guard.factor", float, NONNEG),  # 0: off; else > 1 makes sense
+    Rule("guard.warmup", int, NONNEG),
+    Rule("guard.decay", float, "[0, 1)"),
     Rule("export_hf", bool),
     Rule("checkpoint.every", int, AT_LEAST_1),
     Rule("checkpoint.keep", int, AT_LEAST_1),
@@ -171,7 +174,7 @@ RULES: tuple[Rule, ...] = (
     # ---- GRPO
     Rule("grpo.samples_per_prompt", int, "[2, inf)"),  # a group needs 2 samples for a baseline
     Rule("grpo.clip_eps", float, POS),
-    Rule("grpo.clip_eps_high", float, "[0, inf) or None"),  # 0 / None: symmetric (clip_eps)
+    Rule("grpo.clip_eps_high", float, NONNEG),  # 0: symmetric (clip_eps)
     # ---- iterative DPO
     Rule("dpo_iter.rounds", int, AT_LEAST_1),
     Rule("dpo_iter.prompts_per_round", int, AT_LEAST_1),

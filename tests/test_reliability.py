@@ -115,7 +115,6 @@ def test_every_rule_has_an_allowed_spec_or_is_a_bool():
         ("data.eval_fraction", 1.0, 0.0),
         ("dpo.label_smoothing", 0.5, 0.25),
         ("grpo.samples_per_prompt", 1, 2),
-        ("lora.dropout", 1.0, 0.1),
         ("lora.alpha", 0.0, 16.0),
         ("lora.rank", -1, 0),
         ("bradley_terry.use_margin", 0, False),
@@ -451,7 +450,8 @@ def test_clean_restore_is_bit_exact_and_fresh_dir_is_none(tmp_path):
     [
         ("truncate", r"OUT_OF_RANGE.*Requested byte range"),
         ("zstd_header", r"ZSTD_decompressStream\(\) failed"),
-        ("chunk_middle", r"differ from the saved fingerprint in 1 array\(s\) \(params/w\)"),
+        # which array's chunk sits mid-file depends on tensorstore's packing order: any one is fine
+        ("chunk_middle", r"differ from the saved fingerprint in 1 array\(s\) \(\w+/"),
         ("side_deleted", r"side/metadata"),
         ("side_garbage", r"JSONDecodeError"),
     ],

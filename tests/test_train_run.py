@@ -382,3 +382,31 @@ def test_persistent_compilation_cache_and_compile_count(tmp_path):
     second = run("b")
     assert "perf/compiles=1" in second
     assert sorted(p.name for p in cache.iterdir()) == entries  # the rerun hit the cache: nothing new
+
+
+def test_divergence_guard_stops_on_a_spike_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A gradient spike injected at step 5 (the loss x 1e4) is skipped by the guard; with
+    max_consecutive_skips=1 the run stops naming step 5, and the newest checkpoint is step 4's."""
+    monkeypatch.chdir(ROOT)
+    sft = registry.get("sft")
+
+    def spiky_build(config, graphdef):
+        loss_fn, den = sft.build_loss(config, graphdef)
+
+        def spiky(params, ref_params, batch, denoms, rng):
+            loss, metrics = loss_fn(params, ref_params, batch, denoms, rng)
+            return loss * jnp.where(denoms["step"] == 4, 1e4, 1.0), metrics  # state.step 4 = step 5
+
+        return spiky, den
+
+    monkeypatch.setitem(registry.REGISTRY, "sft", dataclasses.replace(sft, build_loss=spiky_build))
+    c = _resume_config(10)
+    with c.unlocked():
+        c.max_consecutive_skips = 1
+        c.checkpoint.every = 1
+        c.checkpoint.async_save = False
+        c.guard = dict(factor=5.0, warmup=2, decay=0.9)
+    with pytest.raises(harness.TooManySkips, match="step 5: 1 consecutive steps"):
+        registry.run(c, str(tmp_path / "spike"))
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "spike" / "checkpoints") if d.isdigit())
+    assert steps[-1] == 4

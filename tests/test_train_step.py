@@ -388,3 +388,40 @@ def test_batch_iterator_packs_pairs_per_process():
         assert 0.0 <= whole.last_padding_fraction < 1.0
     with pytest.raises(ValueError, match="micro_batches"):
         BatchIterator(ds, 8, packing=True, micro_batches=3, process_index=0, process_count=1)
+
+
+def test_divergence_guard_skips_a_gradient_spike_after_warmup():
+    """A step whose gradient norm exceeds factor x the running mean (after warmup) leaves the state
+    untouched and is counted; the running mean follows an EMA of the applied steps (numpy)."""
+    from jaxrlhf.trainer import state as state_lib
+
+    tx = optax.sgd(0.1)
+    x = np.linspace(-1, 1, 8).astype(np.float32)
+
+    def loss_fn(params, ref_params, batch, denoms, rng):
+        del ref_params, denoms, rng
+        return jnp.mean((params["w"] * batch["x"] - batch["y"]) ** 2), {}
+
+    step = jax.jit(
+        make_train_step(loss_fn, lambda b: {}, tx, guard_factor=5.0, guard_warmup=3, guard_decay=0.5)
+    )
+    st = state_lib.create({"w": jnp.float32(0.0)}, tx, rng=jax.random.key(0))
+    st = st.replace(guard={"count": jnp.float32(0), "grad_norm": jnp.float32(0)})
+    ys = [2 * x, 2 * x, 2 * x, 2 * x, 2000 * x, 2 * x]  # the 5th batch is a spike
+    w, mean, count = 0.0, 0.0, 0
+    for i, y in enumerate(ys):
+        before = float(st.params["w"])
+        st, m = step(st, {"x": x, "y": y})
+        g = abs(float(np.mean(2 * (before * x - y) * x)))  # |d loss / d w|, numpy
+        spike = count >= 3 and g > 5.0 * mean
+        assert int(m["guard_spike"]) == int(spike), i
+        if spike:
+            assert float(st.params["w"]) == before
+        else:
+            w = before - 0.1 * float(np.mean(2 * (before * x - y) * x))
+            mean = g if count == 0 else 0.5 * mean + 0.5 * g
+            count += 1
+            np.testing.assert_allclose(float(st.params["w"]), w, rtol=1e-5)
+        np.testing.assert_allclose(float(st.guard["grad_norm"]), mean, rtol=1e-5)
+    assert int(st.skipped) == 1 and int(st.consecutive_skips) == 0
+    assert i == 5 and spike is False

@@ -138,8 +138,9 @@ class Run:
         if consecutive >= self.config.max_consecutive_skips:
             raise TooManySkips(
                 f"{self.algorithm.name} {self.unit} {i}: {consecutive} consecutive steps had a non-finite "
-                "loss or gradient; stopping without applying any of them. Lower optim.lr, check the "
-                "data, or use float32 compute (model.dtype)."
+                "loss or gradient (or, with config.guard.factor > 0, a gradient-norm spike); stopping "
+                "without applying any of them. Lower optim.lr, check the data, or use float32 compute "
+                "(model.dtype)."
             )
 
     def log(self, i: int, metrics: dict, *, console: bool | None = None) -> dict:

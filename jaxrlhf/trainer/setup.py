@@ -142,8 +142,11 @@ def make_state(
     seed: int,
     frozen=None,
     follow_reference: bool = True,
+    guard: bool = False,
 ):
     """``(state, shardings)``: a fresh ``TrainState`` created sharded, donation-ready.
+
+    ``guard``: the state carries the divergence guard's statistics (``config.guard.factor > 0``).
 
     ``ref_of(params)`` selects the subtree the reference policy copies (``no_reference``: none;
     ``whole``: all of ``params``; PPO: ``params["actor"]``). ``frozen`` (LoRA: from ``lora_split``)
@@ -170,6 +173,10 @@ def make_state(
         return state_lib.create(params, tx, ref_params=ref, rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(make, out_shardings=shardings)(params)
+    if guard:
+        stats = {"count": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)}
+        state = state.replace(guard=jax.device_put(stats, replicated(mesh)))
+        shardings = shardings.replace(guard={k: replicated(mesh) for k in stats})
     if frozen is not None:
         state = state.replace(frozen=frozen)
         shardings = shardings.replace(frozen=jax.tree.map(lambda x: x.sharding, frozen))
@@ -189,6 +196,9 @@ def train_step_fn(config, loss_fn, denominators, tx, *, ref_of: Callable = no_re
         ref_reset_every=config.ref.reset_every if with_ref else 0,
         ref_of=ref_of,
         views=lora_views(config, ref_of),
+        guard_factor=config.guard.factor,
+        guard_warmup=config.guard.warmup,
+        guard_decay=config.guard.decay,
     )
 
 
@@ -392,7 +402,14 @@ def build_offline(
     ref_of = whole if uses_ref else no_reference
     follows = reference_follows(config) if follow_reference is None and uses_ref else bool(follow_reference)
     state, shardings = make_state(
-        tx, params, mesh, ref_of=ref_of, seed=config.seed, frozen=frozen, follow_reference=follows
+        tx,
+        params,
+        mesh,
+        ref_of=ref_of,
+        seed=config.seed,
+        frozen=frozen,
+        follow_reference=follows,
+        guard=config.guard.factor > 0,
     )
     del params
     step = jit_step(train_step_fn(config, loss_fn, denominators, tx, ref_of=ref_of), shardings, mesh)

@@ -22,6 +22,8 @@ class TrainState:
       rng: a PRNG key, split inside the step.
       skipped: int32 scalar, number of steps skipped for a non-finite loss or gradient.
       consecutive_skips: int32 scalar, skips in a row (reset by a finite step).
+      guard: the divergence guard's running statistics (``{"count", "grad_norm"}``, float32
+        scalars) when ``config.guard.factor > 0``, else ``None``.
       frozen: parameters the step reads but never updates (LoRA: the base model; ``jaxrlhf.lora``),
         or ``None``. Not in the optimizer, not checkpointed (the harness reloads it from the base).
     """
@@ -34,6 +36,7 @@ class TrainState:
     skipped: jax.Array
     consecutive_skips: jax.Array
     frozen: Any = None
+    guard: Any = None
 
 
 def create(params: Any, tx, *, ref_params: Any = None, rng: jax.Array) -> TrainState:

@@ -72,6 +72,32 @@ def accumulate_gradients(loss_fn: LossFn, params, ref_params, batch, denoms, rng
     return loss, metrics, grads
 
 
+def guard_spike(stats, grad_norm: jax.Array, factor: float, warmup: int) -> jax.Array:
+    """The divergence guard's verdict: after ``warmup`` applied updates, a gradient norm above
+    ``factor`` times its running mean (``stats``); always False when ``factor`` is 0."""
+    if factor <= 0:
+        return jnp.zeros((), bool)
+    return (stats["count"] >= warmup) & (grad_norm > factor * stats["grad_norm"])
+
+
+def guard_stats(stats, grad_norm: jax.Array, decay: float):
+    """The guard's running statistics after an applied update: count + 1, EMA of the norm."""
+    mean = jnp.where(stats["count"] > 0, decay * stats["grad_norm"] + (1 - decay) * grad_norm, grad_norm)
+    return {"count": stats["count"] + 1, "grad_norm": mean}
+
+
+def follow(ref_params, followed, applied: jax.Array, step: jax.Array, ema_decay: float, reset_every: int):
+    """The reference after a step: an EMA of ``followed`` (``ema_decay`` < 1) when the update was
+    applied, and reset to it every ``reset_every`` steps (> 0)."""
+    if ema_decay < 1.0:
+        ema = losses.ema_update(ref_params, followed, ema_decay)
+        ref_params = jax.tree.map(lambda n, o: jnp.where(applied, n, o), ema, ref_params)
+    if reset_every > 0:
+        reset = (step + 1) % reset_every == 0
+        ref_params = jax.tree.map(lambda p, r: jnp.where(reset, p.astype(r.dtype), r), followed, ref_params)
+    return ref_params
+
+
 def make_train_step(
     loss_fn: LossFn,
     denominators: Callable[[dict], dict],
@@ -82,6 +108,9 @@ def make_train_step(
     ref_reset_every: int = 0,
     ref_of: Callable[[Any], Any] = lambda params: params,
     views: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None,
+    guard_factor: float = 0.0,
+    guard_warmup: int = 10,
+    guard_decay: float = 0.9,
 ):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with shardings and donation.
 
@@ -95,6 +124,12 @@ def make_train_step(
     ``views(params, ref_params, frozen) -> (params, ref_params)`` gives what the loss sees when the
     state has a frozen part (LoRA: the base with the adapters merged in, ``jaxrlhf.lora``);
     gradients, the optimizer and the reference then cover the trainable ``params`` only.
+
+    Divergence guard (``guard_factor > 0``, the state then has ``guard`` statistics): once
+    ``guard_warmup`` updates have been applied, a step whose gradient norm exceeds ``guard_factor``
+    times the running mean of the applied steps' gradient norms (EMA, ``guard_decay``) is skipped
+    like a non-finite one (state untouched, counted in ``skipped`` / ``consecutive_skips``,
+    ``guard_spike`` logged).
     """
 
     def step(state: TrainState, batch: dict):
@@ -116,7 +151,10 @@ def make_train_step(
         loss, metrics, grads = accumulate_gradients(
             fn, state.params, state.ref_params, batch, denoms, step_rng, num_micro_batches
         )
+        grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & tree_all_finite(grads)
+        spike = guard_spike(state.guard, grad_norm, guard_factor, guard_warmup)
+        finite = finite & ~spike
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -124,16 +162,13 @@ def make_train_step(
         opt_state = keep(new_opt_state, state.opt_state)
         ref_params = state.ref_params
         if ref_params is not None:
-            followed = ref_of(params)
-            if ema_decay < 1.0:
-                ref_params = keep(losses.ema_update(ref_params, followed, ema_decay), ref_params)
-            if ref_reset_every > 0:
-                reset = (state.step + 1) % ref_reset_every == 0
-                ref_params = jax.tree.map(
-                    lambda p, r: jnp.where(reset, p.astype(r.dtype), r), followed, ref_params
-                )
+            ref_params = follow(ref_params, ref_of(params), finite, state.step, ema_decay, ref_reset_every)
         skipped = (~finite).astype(jnp.int32)
+        guard = state.guard
+        if guard_factor > 0:
+            guard = keep(guard_stats(guard, grad_norm, guard_decay), guard)
         new_state = state.replace(
+            guard=guard,
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
@@ -145,7 +180,8 @@ def make_train_step(
         metrics = dict(metrics)
         metrics.update(
             loss=loss,
-            grad_norm=optax.global_norm(grads),
+            grad_norm=grad_norm,
+            guard_spike=spike.astype(jnp.int32),
             param_norm=optax.global_norm(params),
             skipped=skipped,
         )

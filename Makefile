@@ -29,12 +29,19 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python -m jaxrlhf.quickstart
 
 test: $(TEST_STAMP)
-	$(BIN)/ruff check jaxrlhf tests configs
-	$(BIN)/ruff format --check jaxrlhf tests configs
+	$(BIN)/ruff check jaxrlhf tests configs tools
+	$(BIN)/ruff format --check jaxrlhf tests configs tools
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
-lint: $(TEST_STAMP)
-	$(BIN)/ruff check --fix jaxrlhf tests configs
-	$(BIN)/ruff format jaxrlhf tests configs
+# The mutation suite (tools/mutants.txt, docs/testing.md): every curated mutation must be caught.
+mutants: $(TEST_STAMP)
+	$(BIN)/python tools/mutants.py
 
-.PHONY: venv demo test lint
+mutants-fast: $(TEST_STAMP)
+	$(BIN)/python tools/mutants.py --fast
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check --fix jaxrlhf tests configs tools
+	$(BIN)/ruff format jaxrlhf tests configs tools
+
+.PHONY: venv demo test lint mutants mutants-fast

@@ -27,9 +27,11 @@ setup(
     ],
     extras_require={
         "demo": ["matplotlib>=3.8"],
-        # peft: the LoRA export is checked by loading it with peft onto the transformers base model
+        # torch (CPU; `make test` installs torch==2.13.0 first): the transformers parity and golden
+        # checks; peft: the LoRA export is loaded with peft onto the transformers base model
         "test": [
-            "pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6.0", "matplotlib>=3.8", "peft>=0.13"
+            "pytest>=8.0", "pytest-xdist>=3.5", "chex>=0.1.88", "ruff>=0.6.0", "matplotlib>=3.8", "peft>=0.13",
+            "torch>=2.4",
         ],  # fmt: skip
         "bench": ["matplotlib>=3.8", "trl>=0.19", "torch>=2.4"],
     },

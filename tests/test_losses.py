@@ -202,8 +202,9 @@ def test_aggregate_loss_modes_closed_form():
 
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean", "seq_sum"])
 def test_aggregate_loss_global_denominator_makes_micro_batches_exact(mode):
-    loss = RNG.normal(size=(6, 7)).astype(np.float32)
-    m = (RNG.random((6, 7)) < 0.6).astype(np.int32)
+    rng = np.random.default_rng(7)  # its own draw: the module RNG's state depends on test order
+    loss = rng.normal(size=(6, 7)).astype(np.float32)
+    m = (rng.random((6, 7)) < 0.6).astype(np.int32)
     m[2] = 0  # a row with no valid token
     full = float(losses.aggregate_loss(loss, m, mode))
     splits = [(0, 2), (2, 6)]
@@ -212,10 +213,11 @@ def test_aggregate_loss_global_denominator_makes_micro_batches_exact(mode):
     micro = sum(
         float(losses.aggregate_loss(loss[a:b], m[a:b], mode, global_denominator=den)) for a, b in splits
     )
-    assert micro == pytest.approx(full, rel=1e-6)
+    # float32 sums in another order: equal up to rounding (the scale of the summands, not of the sum)
+    assert micro == pytest.approx(full, rel=1e-6, abs=1e-6)
     # Without the global denominator, averaging micro-batch means is not the full-batch value.
     naive = np.mean([float(losses.aggregate_loss(loss[a:b], m[a:b], mode)) for a, b in splits])
-    assert naive != pytest.approx(full, rel=1e-6)
+    assert naive != pytest.approx(full, rel=1e-3, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------

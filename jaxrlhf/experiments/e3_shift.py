@@ -92,6 +92,7 @@ def chosen_nll(policy_dir: str, pairs_path: str, size_name: str, p: q.Paths, lim
 
     from jaxrlhf import data as data_lib
     from jaxrlhf import evaluate
+    from jaxrlhf.algorithms.common import response_logps
     from jaxrlhf.sharding import make_mesh, shard_batch
 
     s = q.SIZES[size_name]
@@ -106,7 +107,7 @@ def chosen_nll(policy_dir: str, pairs_path: str, size_name: str, p: q.Paths, lim
     n_dev = mesh.devices.size
     batch = max(n_dev, min(64, len(ds)) // n_dev * n_dev)  # shards evenly over the data axis
     it = data_lib.BatchIterator(ds, batch, shuffle=False, repeat=False, process_index=0, process_count=1)
-    fn = jax.jit(lambda prm, seq: evaluate.sequence_logps(graphdef, prm, seq))
+    fn = jax.jit(lambda prm, seq: response_logps(graphdef, prm, seq))
     total, tokens = 0.0, 0.0
     for host in it:
         seq = {k[len("chosen_") :]: v for k, v in host.items() if k.startswith("chosen_")}

@@ -14,6 +14,14 @@ from jaxrlhf import losses
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws from a fresh ``RNG``: its data never depends on which tests ran before it
+    (pytest-xdist gives every worker a different order)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def np_log_softmax(z):
     z = np.asarray(z, np.float64)
     m = z.max(-1, keepdims=True)

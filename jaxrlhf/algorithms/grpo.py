@@ -302,13 +302,7 @@ def make_probe(graphdef, s: Settings, mesh):
                 )
                 return jnp.sum(m * pg) / n
 
-            masks = {"total": valid, "pos": valid * (adv_t > 0), "neg": valid * (adv_t < 0)}
-            masks.update(gradients.thirds(jnp.abs(adv_t), valid))
-            out = gradients.decompose(surrogate, actor_params, masks)
-            for k in ("top", "mid", "bot"):
-                out[f"analysis/adv_mean_{k}"] = jnp.sum(masks[k] * adv_t) / jnp.maximum(
-                    jnp.sum(masks[k]), 1.0
-                )
+            out = gradients.decompose_by_advantage(surrogate, actor_params, valid, adv_t, adv_t)
         return out
 
     return jax.jit(probe)

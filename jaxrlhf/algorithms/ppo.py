@@ -220,13 +220,7 @@ def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0):
                 pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], adv, clip_eps=cfg.clip_eps)
                 return jnp.sum(m * pg * batch["token_coef"]) / n
 
-            masks = {"total": valid, "pos": valid * (adv > 0), "neg": valid * (adv < 0)}
-            masks.update(gradients.thirds(jnp.abs(adv), valid))
-            out = gradients.decompose(surrogate, actor_params, masks)
-            for k in ("top", "mid", "bot"):
-                out[f"analysis/adv_mean_{k}"] = jnp.sum(masks[k] * raw_adv) / jnp.maximum(
-                    jnp.sum(masks[k]), 1.0
-                )
+            out = gradients.decompose_by_advantage(surrogate, actor_params, valid, adv, raw_adv)
         return out
 
     return jax.jit(probe)

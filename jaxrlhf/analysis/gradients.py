@@ -56,6 +56,18 @@ def decompose(surrogate: Callable[[Any, Any], jax.Array], params: Any, masks: di
     return out
 
 
+def decompose_by_advantage(surrogate, params, valid: jax.Array, adv: jax.Array, raw_adv: jax.Array) -> dict:
+    """PPO/GRPO: ``decompose`` over response tokens, positive / negative by the sign of ``adv``
+    ``[B, T]`` and TOP/MID/BOT by ``|adv|``, plus each third's mean ``raw_adv``
+    (``analysis/adv_mean_<third>``)."""
+    masks = {"total": valid, "pos": valid * (adv > 0), "neg": valid * (adv < 0)}
+    masks.update(thirds(jnp.abs(adv), valid))
+    out = decompose(surrogate, params, masks)
+    for k in ("top", "mid", "bot"):
+        out[f"analysis/adv_mean_{k}"] = jnp.sum(masks[k] * raw_adv) / jnp.maximum(jnp.sum(masks[k]), 1.0)
+    return out
+
+
 class TargetStability:
     """Cosines of the update over each probing window with the previous window's update
     (``analysis/update_cos_prev_window``) and with the displacement from the start of training

@@ -30,6 +30,33 @@ def nan_reward(prompts, responses, rows=None):
     return np.full(len(responses), np.nan, np.float32)
 
 
+RECORDED: list[np.ndarray] = []  # every score batch ``recorded_*`` returned, in call order
+
+
+def recorded_parity(prompts, responses, rows=None):
+    """A binary reward that varies between samples of one prompt (odd word count -> 1), recorded
+    so a test can recompute pass@k from the very scores the evaluation saw."""
+    out = np.asarray([len(r.split()) % 2 for r in responses], np.float32)
+    RECORDED.append(out)
+    return out
+
+
+def recorded_share(prompts, responses, rows=None):
+    """``word_reward``, recorded (a graded reward: ties are rare, the win rate is informative)."""
+    out = word_reward(prompts, responses, rows)
+    RECORDED.append(out)
+    return out
+
+
+def pass_at_k_by_enumeration(row: np.ndarray, k: int) -> float:
+    """P(at least one success among k of the n samples drawn without replacement), by listing every
+    k-subset (independent of the closed form the code uses)."""
+    import itertools
+
+    subsets = list(itertools.combinations(range(len(row)), k))
+    return sum(any(row[i] for i in s) for s in subsets) / len(subsets)
+
+
 def tiny(name="ppo", **over):
     path = os.path.join(ROOT, "configs", "tiny", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"tiny_{name}", path)
@@ -267,12 +294,25 @@ def test_evaluate_pass_at_k_with_a_verifiable_reward(tmp_path, monkeypatch):
         c.reward.fn = "jaxrlhf.tasks.verifiable:reward"
     out = evaluate.evaluate(c, str(policy), samples=4, batch_size=4)
     assert out["prompts"] == 8
-    # A random policy almost never answers exactly: pass@k defined, in [0, 1], non-decreasing in k.
-    assert 0.0 <= out["pass@1"] <= out["pass@2"] <= out["pass@4"] <= 1.0
+    # A random policy never answers exactly: every pass@k is 0.
+    assert out["pass@1"] == out["pass@2"] == out["pass@4"] == 0.0
+
+    # A binary reward that does vary between samples: pass@k from the recorded scores, by
+    # enumerating k-subsets, must equal the evaluation's numbers.
+    RECORDED.clear()
+    with c.unlocked():
+        c.reward.fn = "test_ppo:recorded_parity"
+    out = evaluate.evaluate(c, str(policy), samples=4, batch_size=4)
+    scores = np.concatenate(RECORDED).reshape(8, 4)  # 2 batches of 4 prompts x 4 samples
+    assert 0 < scores.sum() < scores.size, "the check needs both outcomes"
+    for k in (1, 2, 4):
+        expect = np.mean([pass_at_k_by_enumeration(row, k) for row in scores])
+        assert out[f"pass@{k}"] == pytest.approx(expect, abs=1e-12), k
+    assert out["reward_mean"] == pytest.approx(scores[:, 0].mean(), abs=1e-7)
 
 
 @pytest.mark.slow
-def test_evaluate_cli_writes_metrics(tmp_path):
+def test_evaluate_cli_writes_metrics(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
@@ -290,8 +330,42 @@ def test_evaluate_cli_writes_metrics(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["prompts"] == 8 and 0.0 <= res["win_rate"] <= 1.0
+    # The CLI writes exactly what the function returns for the same arguments.
+    monkeypatch.chdir(ROOT)
+    from jaxrlhf import evaluate
+
+    direct = evaluate.evaluate(
+        tiny("dpo_iter"), str(policy), baseline=str(policy), max_prompts=8, batch_size=8
+    )
+    assert res == pytest.approx(direct, abs=1e-6)
     assert abs(res["kl_to_reference"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_evaluate_win_rate_from_the_scores_it_saw(tmp_path, monkeypatch):
+    """Win rate = mean over prompts of [policy > baseline] + 0.5 [tie], recomputed by a plain loop
+    from the recorded scores of two different random policies."""
+    monkeypatch.chdir(ROOT)
+    from jaxrlhf import evaluate, models
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    init = {**tiny().model.init}
+    models.save_pretrained(models.init("llama", seed=1, **init), str(a))
+    models.save_pretrained(models.init("llama", seed=2, **init), str(b))
+    c = tiny("dpo_iter")
+    with c.unlocked():
+        c.reward.fn = "test_ppo:recorded_share"
+    RECORDED.clear()
+    out = evaluate.evaluate(c, str(a), baseline=str(b), max_prompts=16, batch_size=8)
+    pol, base = np.concatenate(RECORDED[:2]), np.concatenate(RECORDED[2:])
+    assert len(pol) == len(base) == 16
+    wins = 0.0
+    for p, q in zip(pol, base, strict=True):
+        wins += 1.0 if p > q else 0.5 if p == q else 0.0
+    assert out["win_rate"] == pytest.approx(wins / 16, abs=1e-12)
+    assert 0.0 < out["win_rate"] < 1.0, "two random policies: the check needs wins and losses"
+    assert out["reward_mean"] == pytest.approx(pol.mean(), abs=1e-6)
+    assert out["baseline_reward_mean"] == pytest.approx(base.mean(), abs=1e-6)
 
 
 @pytest.mark.slow

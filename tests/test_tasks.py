@@ -92,7 +92,8 @@ def test_gold_score_orders_sentiment_negation_and_intensity():
     assert g("i would not recommend it") < 0.5 < g("i would recommend it")
     # The negation's scope ends at the sentiment word it flips and at clause boundaries.
     assert g("the plot was not good and funny .") > g("the plot was not good .")
-    assert g("the plot was not . the acting was good .") == pytest.approx(g("the acting was good ."))
+    verdict = reviews.gold_details("the plot was not . the acting was good .")["verdict"]
+    assert verdict == pytest.approx(reviews.gold_details("the acting was good .")["verdict"])
     # Intensifiers and downtoners.
     assert g("the movie was extremely good .") > g("the movie was very good .") > g("the movie was good .")
     assert g("the movie was slightly good .") < g("the movie was good .")
@@ -100,13 +101,13 @@ def test_gold_score_orders_sentiment_negation_and_intensity():
     # "but" carries the verdict, "although" concedes.
     assert g("the acting was great but the plot was terrible .") < 0.5
     assert g("the acting was great although the plot was terrible .") > 0.5
-    # Exact values from the documented formula.
-    assert g("the movie was very good .") == pytest.approx(_sig(0.75 * 1.5 * 1.0))
-    assert g("the movie was not very good .") == pytest.approx(_sig(0.75 * -0.8 * 1.5 * 1.0))
+    # Exact values from the documented formula: sigmoid(3 * weighted mean of tanh(clause sums)).
+    assert g("the movie was very good .") == pytest.approx(_sig(3 * math.tanh(1.5 * 1.0)))
+    assert g("the movie was not very good .") == pytest.approx(_sig(3 * math.tanh(-0.8 * 1.5 * 1.0)))
     assert g("the acting was great but the plot was terrible .") == pytest.approx(
-        _sig(0.75 * (1.5 - 1.5 * 2.0))
+        _sig(3 * (math.tanh(1.5) + 1.5 * math.tanh(-2.0)) / 2.5)
     )
-    assert g("it was a total disaster") == pytest.approx(_sig(0.75 * 1.5 * -2.0))
+    assert g("it was a total disaster") == pytest.approx(_sig(3 * math.tanh(1.5 * -2.0)))
 
 
 def test_gold_score_penalises_degenerate_text():
@@ -119,9 +120,10 @@ def test_gold_score_penalises_degenerate_text():
     assert g(repeated) < natural
     d = reviews.gold_details("the movie was great great great great great")
     assert d["n_unlicensed"] == 4 and d["repeat_frac"] == pytest.approx(2 / 6)
-    # Diminishing returns for the same word even when licensed.
+    assert d["n_bigrams_off_grammar"] == 4  # "great great" x4: the grammar never writes it
+    # Diminishing returns for the same word even when licensed (two clauses, mean verdict).
     d = reviews.gold_details("the plot was great and the acting was great .")
-    assert d["sentiment"] == pytest.approx(1.5 + 0.75)
+    assert d["verdict"] == pytest.approx((math.tanh(1.5) + math.tanh(0.75)) / 2)
     # <unk> is penalised; everything after the first <eos> is ignored; <pad>/<bos> are dropped.
     assert g("the movie was great . <unk> <unk>") < natural
     assert g("<bos> the movie was great . <eos> terrible terrible terrible") == pytest.approx(natural)

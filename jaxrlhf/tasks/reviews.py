@@ -11,36 +11,52 @@ Texts are lower-case words and punctuation separated by single spaces
 ("i thought the acting was really good . the plot was not boring ."), so the shared word-level
 tokenizer (``build_tokenizer`` / ``tokenizer_path``) round-trips them exactly.
 
-Gold score (``gold_score``), computed on the words of the text (see ``jaxrlhf.tasks.common.words``):
+Gold score (``gold_score``), computed on the words of the text (see ``jaxrlhf.tasks.common.words``).
+It is built so that a policy cannot win with degenerate text (issue 17): the score is a function of
+the *mean* clause verdict (length as such earns nothing), each clause's verdict saturates, and text
+outside the grammar pays in the logit.
 
 1. The text is cut at its first ``<eos>``; ``<pad>``/``<bos>`` are ignored.
-2. Every *sentiment word* (adjective, verb or noun in ``LEXICON``, polarity ``p`` in [-2, 2]) gets
-   ``c = p * m * n * w * d`` where
-   - ``m``: product of the intensifier multipliers (``INTENSIFIERS``: "very" 1.5, "extremely" 2,
-     "slightly" 0.5, ...) met since the previous sentiment word in the same clause, capped at 4;
+2. *Clauses* end at "." "," ";" "but" "although", and at "and" unless it joins a sentiment word to
+   the clause ("the plot was great and funny"). Negation and intensifier scope also ends at "and".
+3. Every *sentiment word* (adjective, verb or noun in ``LEXICON``, polarity ``p`` in [-2, 2]) gets
+   ``c = p * m * n * d`` where
+   - ``m``: one intensifier's worth: the multiplier (``INTENSIFIERS``: "very" 1.5, "extremely" 2,
+     "slightly" 0.5, ...) of the intensifier nearest before the word, met since the previous
+     sentiment word in the clause; every further intensifier of that run is *stacked*;
    - ``n``: negation: each negation word ("not" -0.8, "never" -0.9, "hardly" -0.6) met since the
      previous sentiment word in the same clause multiplies by its factor, so a negation flips
      (and damps) the *next* sentiment word only ("not bad" = +0.8, "not very good" = -1.2);
-   - ``w``: clause weight: 1.5 after "but" (the contrast carries the verdict), 0.5 after
-     "although" (a concession), 1 otherwise; a clause ends at "." "," ";" or a connective,
-     and a clause boundary also ends any pending negation/intensifier scope;
-   - ``d = 0.5 ** (j - 1)`` for the j-th counted occurrence of the same word (diminishing returns).
+   - ``d = 0.5 ** (j - 1)`` for the j-th counted occurrence of the same word in the text.
    A sentiment word counts only when it is *licensed*: the nearest preceding word that is not an
    intensifier, negation or adverb must be a word that can grammatically introduce it (a copula or
-   article for adjectives and nouns, a subject or auxiliary for verbs; ``LICENSORS``).
-3. Degenerate text is penalised in the logit: ``0.5`` per unlicensed sentiment word, ``0.5`` per
-   ``<unk>``, and ``4 * r`` where ``r`` is the fraction of word 3-grams that repeat an earlier
-   3-gram of the text.
-4. ``gold_score = sigmoid(SCALE * sum(c) - penalty)`` with ``SCALE = 0.75``, a number in (0, 1).
+   article for adjectives and nouns, a subject or auxiliary for verbs; ``LICENSORS``), and it must be
+   the clause's first sentiment word, or its second joined by "and" (no lists of three or more).
+4. A clause's verdict is ``v = tanh(sum_k c_(k) * 0.5 ** (k - 1))`` over its contributions sorted by
+   magnitude (diminishing returns across the different words of a clause; ``|v| < 1``). The text's
+   verdict ``V`` is the mean of ``v`` over the clauses with a counted sentiment word, weighted 1.5
+   after "but" (the contrast carries the verdict), 0.5 after "although" (a concession), 1 otherwise;
+   ``V = 0`` when there is none.
+5. Degenerate text is penalised in the logit: ``0.5`` per unlicensed sentiment word, ``0.5`` per
+   stacked intensifier, ``0.5`` per ``<unk>``, ``0.5`` per word bigram the grammar never produces
+   (``grammar_bigrams``: the 3 546 bigrams of 20 000 generated reviews, shipped in
+   ``assets/review_bigrams.txt``), and ``4 * r`` where ``r`` is the fraction of word 3-grams that
+   repeat an earlier 3-gram of the text.
+6. ``gold_score = sigmoid(SCALE * V - penalty)`` with ``SCALE = 3``, a number in (0, 1); a clean text
+   scores at most ``sigmoid(3) = 0.953``.
 
-So a policy cannot win by repeating one word: "great great great great" is unlicensed (no copula)
-and repetitive and scores well below 0.5, and "the movie was great great great" counts "great"
-with diminishing returns while paying the repetition penalty. Hand-checked values are in
-``tests/test_tasks.py`` and ``docs/tasks.md``.
+Generated reviews keep their verdicts (2 000 per class, seed 123: 97.5 % of positive ones score
+> 0.5, 97.3 % of negative ones < 0.5, mixed ones have median 0.50), and the issue-17 gaming strings
+("the movie was great and excellent and ... and perfect .", stacked intensifiers, repeated or
+templated clauses, word salads) score below the median positive review (0.904); a beam search over
+the vocabulary (``jaxrlhf.tasks.gold_search``) finds grammatical positive reviews as the maximum.
+Hand-checked values are in ``tests/test_tasks.py``, ``tests/test_gold_scorer.py`` and
+``docs/tasks.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -161,8 +177,14 @@ LICENSORS = {
 }
 """Words that may directly precede (skipping intensifiers, negations, adverbs) a sentiment word."""
 
-SCALE = 0.75
+SCALE = 3.0  # logit per unit of mean clause verdict (a verdict of +-1 gives 0.953 / 0.047)
+WORD_DECAY = 0.5  # k-th strongest sentiment word of a clause counts WORD_DECAY ** (k - 1)
+REPEAT_DECAY = 0.5  # j-th occurrence of the same sentiment word in the text counts REPEAT_DECAY ** (j - 1)
 UNLICENSED_PENALTY = 0.5
+STACKED_PENALTY = 0.5
+BIGRAM_PENALTY = 0.5  # per word bigram the grammar never produces (``grammar_bigrams``)
+BIGRAM_REVIEWS = 20_000  # reviews of seed 0 whose bigrams define the grammar's (10 000 miss 1 of 3 546)
+BIGRAMS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "review_bigrams.txt")
 UNK_PENALTY = 0.5
 REPEAT_PENALTY = 4.0
 SENTIMENTS = ("positive", "negative", "mixed")
@@ -451,51 +473,138 @@ def review_prompts(
 # ---------------------------------------------------------------------------------------------
 
 
-def _licensed(ws: Sequence[str], i: int) -> bool:
-    j = i - 1
-    while j >= 0 and (ws[j] in INTENSIFIERS or ws[j] in NEGATIONS or ws[j] in _ADVERBS):
-        j -= 1
-    return j >= 0 and ws[j] in LICENSORS[_pos_of(ws[i])]
+def build_grammar_bigrams(n: int = BIGRAM_REVIEWS, seed: int = 0) -> frozenset[tuple[str, str]]:
+    """Every word bigram of ``generate_reviews(n, seed)`` (default mix): the grammar's bigrams.
+
+    The set is closed well before ``n = 20 000`` (3 546 bigrams; 300 000 reviews of another seed add
+    none and 20 000 fresh reviews contain no bigram outside it).
+    """
+    out: set[tuple[str, str]] = set()
+    for text in generate_reviews(n, seed):
+        ws = text.split()
+        out.update(zip(ws, ws[1:], strict=False))
+    return frozenset(out)
+
+
+def write_grammar_bigrams(path: str | os.PathLike = BIGRAMS_PATH) -> int:
+    """Writes ``build_grammar_bigrams()`` as sorted "w1 w2" lines (the shipped asset); returns the count."""
+    pairs = sorted(build_grammar_bigrams())
+    with open(path, "w") as f:
+        f.writelines(f"{a} {b}\n" for a, b in pairs)
+    return len(pairs)
+
+
+@functools.cache
+def grammar_bigrams() -> frozenset[tuple[str, str]]:
+    """The shipped ``assets/review_bigrams.txt`` (``write_grammar_bigrams``), loaded once."""
+    with open(BIGRAMS_PATH) as f:
+        return frozenset(tuple(line.split()) for line in f if line.strip())
+
+
+def _skip_modifiers(ws: Sequence[str], j: int, step: int) -> int:
+    """The first index from ``j`` (moving by ``step``) that is not an intensifier, negation or adverb."""
+    while 0 <= j < len(ws) and (ws[j] in INTENSIFIERS or ws[j] in NEGATIONS or ws[j] in _ADVERBS):
+        j += step
+    return j
+
+
+def _licensor(ws: Sequence[str], i: int) -> str | None:
+    """The word that introduces the sentiment word ``ws[i]``, or None when the grammar has none."""
+    j = _skip_modifiers(ws, i - 1, -1)
+    return ws[j] if j >= 0 and ws[j] in LICENSORS[_pos_of(ws[i])] else None
+
+
+def _coordinates(ws: Sequence[str], i: int) -> bool:
+    """Whether the "and" at ``ws[i]`` joins a sentiment word to its clause ("was great and funny")."""
+    j = _skip_modifiers(ws, i + 1, 1)
+    return j < len(ws) and ws[j] in LEXICON and "and" in LICENSORS[_pos_of(ws[j])]
+
+
+def _licensed_in_clause(licensor: str | None, n_before: int) -> bool:
+    """A clause holds one sentiment word, or two joined by "and" ("was great and funny"); no lists."""
+    if licensor is None:
+        return False
+    return n_before == 1 if licensor == "and" else n_before == 0
+
+
+def _clause_verdict(contribs: Sequence[float]) -> float:
+    """``tanh(sum_k c_(k) * WORD_DECAY ** (k - 1))`` over the contributions sorted by magnitude."""
+    ordered = sorted(contribs, key=abs, reverse=True)
+    return math.tanh(sum(c * WORD_DECAY**k for k, c in enumerate(ordered)))
+
+
+class _Clauses:
+    """Accumulates the contributions of each clause and their ``w``-weighted mean verdict."""
+
+    def __init__(self) -> None:
+        self.weight, self.contribs, self.done = 1.0, [], []
+
+    def close(self, next_weight: float = 1.0) -> None:
+        if self.contribs:
+            self.done.append((self.weight, _clause_verdict(self.contribs)))
+        self.weight, self.contribs = next_weight, []
+
+    def mean(self) -> float:
+        total = sum(w for w, _ in self.done)
+        return sum(w * v for w, v in self.done) / total if total else 0.0
 
 
 def gold_details(text: str) -> dict[str, float]:
-    """The parts of ``gold_score(text)``: ``sentiment`` (sum of contributions), ``penalty``, ``logit``,
-    ``score``, and the counts ``n_sentiment``, ``n_unlicensed``, ``n_unk``, ``repeat_frac``."""
+    """The parts of ``gold_score(text)`` (module docstring): ``verdict`` (weighted mean clause verdict
+    in [-1, 1]), ``penalty``, ``logit``, ``score``, and the counts ``n_sentiment`` (counted sentiment
+    words), ``n_clauses`` (clauses with one), ``n_unlicensed``, ``n_stacked`` (intensifiers beyond one
+    per sentiment word), ``n_unk``, ``n_bigrams_off_grammar``, ``n_words``, ``repeat_frac``."""
     ws = common.response_words(text)
-    total, unlicensed, unk = 0.0, 0, 0
-    mult, neg, weight = 1.0, 1.0, 1.0
+    clauses = _Clauses()
+    unlicensed = stacked = unk = n_sent = 0
+    mult, n_intens, neg = 1.0, 0, 1.0
     seen: dict[str, int] = {}
-    n_sent = 0
     for i, w in enumerate(ws):
         if w in BOUNDARIES:
-            mult, neg = 1.0, 1.0
-            weight = CLAUSE_WEIGHTS.get(w, 1.0)
+            if not (w == "and" and _coordinates(ws, i)):
+                clauses.close(CLAUSE_WEIGHTS.get(w, 1.0))
+            mult, n_intens, neg = 1.0, 0, 1.0
         elif w in INTENSIFIERS:
-            mult = min(mult * INTENSIFIERS[w], 4.0)
+            stacked += n_intens > 0
+            mult, n_intens = INTENSIFIERS[w], n_intens + 1  # the nearest intensifier is the one that counts
         elif w in NEGATIONS:
             neg *= NEGATIONS[w]
         elif w in LEXICON:
-            if _licensed(ws, i):
-                seen[w] = seen.get(w, 0) + 1
-                total += LEXICON[w] * mult * neg * weight * 0.5 ** (seen[w] - 1)
-                n_sent += 1
-            else:
+            if not _licensed_in_clause(_licensor(ws, i), len(clauses.contribs)):
                 unlicensed += 1
-            mult, neg = 1.0, 1.0
+            else:
+                seen[w] = seen.get(w, 0) + 1
+                clauses.contribs.append(LEXICON[w] * mult * neg * REPEAT_DECAY ** (seen[w] - 1))
+                n_sent += 1
+            mult, n_intens, neg = 1.0, 0, 1.0
         elif w == UNK:
             unk += 1
+    clauses.close()
     grams = [tuple(ws[i : i + 3]) for i in range(len(ws) - 2)]
     repeat = (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
-    penalty = UNLICENSED_PENALTY * unlicensed + UNK_PENALTY * unk + REPEAT_PENALTY * repeat
-    logit = SCALE * total - penalty
+    allowed = grammar_bigrams()
+    off_grammar = sum(pair not in allowed for pair in zip(ws, ws[1:], strict=False))
+    penalty = (
+        UNLICENSED_PENALTY * unlicensed
+        + STACKED_PENALTY * stacked
+        + UNK_PENALTY * unk
+        + BIGRAM_PENALTY * off_grammar
+        + REPEAT_PENALTY * repeat
+    )
+    verdict = clauses.mean()
+    logit = SCALE * verdict - penalty
     return {
-        "sentiment": total,
+        "verdict": verdict,
         "penalty": penalty,
         "logit": logit,
         "score": 1.0 / (1.0 + math.exp(-logit)),
         "n_sentiment": n_sent,
+        "n_clauses": len(clauses.done),
         "n_unlicensed": unlicensed,
+        "n_stacked": stacked,
         "n_unk": unk,
+        "n_bigrams_off_grammar": off_grammar,
+        "n_words": len(ws),
         "repeat_frac": repeat,
     }
 

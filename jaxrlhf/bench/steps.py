@@ -61,17 +61,40 @@ PRESETS = {
     # 4.7M parameters: what 2 CPU cores train in seconds (head_dim 16 as in the committed
     # docs/results/bench_steps_cpu numbers, where it came implicitly from the tiny preset).
     "cpu-small": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=8,
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
         head_dim=16,
     ),
     # Qwen2.5-0.5B / -1.5B shapes (random weights): the GPU suite's models (jaxrlhf/bench/gpu.sh).
     "qwen2.5-0.5b": dict(
-        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-        num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6,
+        family="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
     ),
     "qwen2.5-1.5b": dict(
-        family="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-        num_heads=12, num_kv_heads=2, head_dim=128, qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6,
+        family="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
     ),  # fmt: skip
     # ~1.1B parameters, Llama-3.2-1B shape: the GPU MFU target of the benchmark issue.
     "gpu-1b": dict(

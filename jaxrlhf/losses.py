@@ -21,6 +21,9 @@ Log-probabilities
   - :func:`shifted_logprobs` ``(logits[B,T,V], input_ids[B,T], loss_mask[B,T]) -> ([B,T-1], [B,T-1])``
   - :func:`sequence_logps` ``(logps[B,T], mask[B,T]) -> [B]``
   - :func:`entropy_from_logits` ``(logits[B,T,V]) -> [B,T]``
+  - :func:`chunked_token_logprobs` ``(hidden[B,T,D], W[D,V] or [V,D], labels[B,T], *, chunk) -> [B,T]``
+  - :func:`chunked_logprobs_and_entropy` ``(hidden, W, labels, *, chunk) -> ([B,T], [B,T])``
+    (large vocabularies: never the ``[B,T,V]`` logits, custom VJP)
 
 Masked reductions
   - :func:`masked_mean` ``(x, mask, axis=None)``
@@ -58,6 +61,7 @@ Coordinating positive and negative learning (Wang et al. 2025)
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -66,6 +70,8 @@ import jax.numpy as jnp
 
 __all__ = [
     "aggregate_loss",
+    "chunked_logprobs_and_entropy",
+    "chunked_token_logprobs",
     "coordinated_token_weights",
     "gradient_scale",
     "rank_thirds",
@@ -302,6 +308,192 @@ def _entropy(logits: jax.Array) -> jax.Array:
     p = jnp.exp(z - lse)
     pz = p * jnp.where(p > 0, z, 0)  # 0 * -inf would be NaN
     return jnp.maximum(lse[..., 0] - jnp.sum(pz, axis=-1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities and entropy from the final hidden states, in vocabulary chunks
+# ----------------------------------------------------------------------------------------------
+def chunked_token_logprobs(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    chunk: int,
+    temperature: float = 1.0,
+    vocab_axis: int = 1,
+) -> jax.Array:
+    r"""``token_logprobs(hidden @ W / temperature, labels)`` without the ``[..., V]`` logits.
+
+    .. math::
+        z_{t,v} = h_t \cdot W_v / \tau, \qquad \log p(y_t) = z_{t,y_t} - \log \sum_v e^{z_{t,v}}
+
+    The vocabulary is visited in chunks of ``chunk`` entries (a ``lax.scan``) with an online
+    log-sum-exp (running max ``m`` and ``s = sum exp(z - m)``, Milakov & Gimelshein 2018), so only a
+    ``[N, chunk]`` float32 block of logits exists at a time (``N`` = number of positions). The
+    backward pass (``jax.custom_vjp``) recomputes each chunk's logits from the saved ``hidden``,
+    ``weight`` and per-position log-sum-exp and accumulates ``dh`` and ``dW`` chunk by chunk:
+    ``dz = g (onehot(y) - softmax(z)) / tau``. The matmuls run in ``hidden.dtype`` (the model's
+    compute dtype, ``W`` cast chunk by chunk) with float32 accumulation, as the model's own head.
+    A vocabulary that ``chunk`` does not divide ends with a chunk that overlaps the previous one;
+    the overlapping columns are skipped.
+
+    Args:
+      hidden: ``[..., D]`` final hidden states (after the final norm), any float dtype.
+      weight: the output layer: ``[D, V]`` (``vocab_axis=1``, an untied ``lm_head`` kernel) or
+        ``[V, D]`` (``vocab_axis=0``, a tied input embedding).
+      labels: ``[...]`` integer ids; out-of-range ids are clipped into ``[0, V)`` as in
+        :func:`token_logprobs`.
+      chunk: vocabulary entries per chunk (``>= 1``; ``min(chunk, V)`` is used).
+      temperature: the logits are divided by it (PPO's sampling temperature).
+      vocab_axis: which axis of ``weight`` is the vocabulary (0 or 1).
+
+    Returns:
+      ``[...]`` float32 log-probabilities.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from jaxrlhf import losses
+      >>> h, w = jnp.ones((1, 2, 3)), jnp.zeros((3, 5))  # uniform over V=5
+      >>> lp = losses.chunked_token_logprobs(h, w, jnp.array([[0, 4]]), chunk=2)
+      >>> print(np.asarray(lp).round(4))
+      [[-1.6094 -1.6094]]
+
+    References:
+      Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018); Wijmans et al.,
+      "Cut Your Losses in Large-Vocabulary Language Models" (2024): the same idea as a fused kernel.
+    """
+    return _chunked_call(hidden, weight, labels, chunk, temperature, vocab_axis, False)[0]
+
+
+def chunked_logprobs_and_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    chunk: int,
+    temperature: float = 1.0,
+    vocab_axis: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    r""":func:`chunked_token_logprobs` and :func:`entropy_from_logits` of the same logits in one pass.
+
+    .. math::
+        H_t = \log s_t - a_t / s_t, \quad s_t = \sum_v e^{z_{t,v} - m_t}, \quad
+        a_t = \sum_v e^{z_{t,v} - m_t} (z_{t,v} - m_t)
+
+    ``a`` is kept online with ``s`` and the running max ``m``: when the max moves from ``m`` to
+    ``m'``, ``a <- e^{m - m'} (a + (m - m') s)``. Backward: ``dH/dz_v = -p_v (log p_v + H)``.
+    Arguments as :func:`chunked_token_logprobs`.
+
+    Returns:
+      ``(logps, entropy)``, both ``[...]`` float32 (entropy in nats, ``>= 0``).
+    """
+    return _chunked_call(hidden, weight, labels, chunk, temperature, vocab_axis, True)
+
+
+def _chunked_call(hidden, weight, labels, chunk, temperature, vocab_axis, with_entropy):
+    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+    if vocab_axis not in (0, 1) or weight.ndim != 2:
+        raise ValueError(f"chunked log-probs: weight must be 2-D with vocab_axis 0 or 1, got {weight.shape}")
+    d, v = weight.shape[1 - vocab_axis], weight.shape[vocab_axis]
+    if hidden.shape[-1] != d or hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"chunked log-probs: hidden {hidden.shape} must be labels {labels.shape} + [D={d}] "
+            f"(weight {weight.shape}, vocab_axis={vocab_axis})"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"chunked log-probs: labels must be integer ids, got dtype {labels.dtype}")
+    if int(chunk) < 1:
+        raise ValueError(f"chunked log-probs: chunk must be >= 1, got {chunk}")
+    lead = labels.shape
+    h = hidden.reshape(-1, d)
+    y = jnp.clip(labels, 0, v - 1).reshape(-1).astype(jnp.int32)
+    spec = (min(int(chunk), v), float(temperature), int(vocab_axis), bool(with_entropy))
+    lp, ent = _chunked_lse(h, weight, y, spec)
+    return lp.reshape(lead), ent.reshape(lead)
+
+
+def _chunk_logits(h, w, i, spec):
+    """Chunk ``i``'s float32 logits ``[N, C]``, its first column ``start``, and ``fresh [C]``: the
+    columns not already visited (the last chunk is shifted back to end at ``V``)."""
+    chunk, temperature, axis, _ = spec
+    v = w.shape[axis]
+    start = jnp.minimum(i * chunk, v - chunk)
+    wc = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=axis).astype(h.dtype)
+    contract = ((1,), (1 - axis,))
+    z = jax.lax.dot_general(h, wc, (contract, ((), ())), preferred_element_type=jnp.float32)
+    if temperature != 1.0:
+        z = z / temperature
+    cols = start + jnp.arange(chunk, dtype=jnp.int32)
+    return z, start, cols, cols >= i * chunk
+
+
+def _n_chunks(w, spec) -> int:
+    return -(-w.shape[spec[2]] // spec[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_lse(h, w, y, spec):
+    """``(logps [N], entropy [N])`` (entropy zeros unless ``spec[3]``); ``spec`` = (chunk,
+    temperature, vocab_axis, with_entropy)."""
+    return _chunked_lse_fwd(h, w, y, spec)[0]
+
+
+def _chunked_lse_fwd(h, w, y, spec):
+    f32, with_entropy = jnp.float32, spec[3]
+    n = h.shape[0]
+
+    def body(carry, i):
+        m, s, a, zy = carry
+        z, _, cols, fresh = _chunk_logits(h, w, i, spec)
+        z = jnp.where(fresh, z, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+        scale = jnp.exp(m - m_new)
+        e = jnp.exp(z - m_new[:, None])  # 0 on skipped columns
+        if with_entropy:  # a = sum e (z - m), rescaled when the max moves
+            shift = jnp.where(s > 0, (m - m_new) * s, 0.0)
+            a = scale * (a + shift) + jnp.sum(jnp.where(fresh, e * (z - m_new[:, None]), 0.0), axis=-1)
+        s = s * scale + jnp.sum(e, axis=-1)
+        zy = zy + jnp.sum(jnp.where(fresh & (cols == y[:, None]), z, 0.0), axis=-1)
+        return (m_new, s, a, zy), None
+
+    init = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n,), f32), jnp.zeros((n,), f32))
+    (m, s, a, zy), _ = jax.lax.scan(body, init, jnp.arange(_n_chunks(w, spec)))
+    log_s = jnp.log(s)
+    logps = (zy - m) - log_s
+    entropy = jnp.maximum(log_s - a / s, 0.0) if with_entropy else jnp.zeros_like(logps)
+    return (logps, entropy), (h, w, y, m + log_s, entropy)
+
+
+def _chunked_lse_bwd(spec, res, ct):
+    h, w, y, lse, entropy = res
+    g_lp, g_ent = (c.astype(jnp.float32) for c in ct)
+    axis, with_entropy = spec[2], spec[3]
+
+    def body(carry, i):
+        dh, dw = carry
+        z, start, cols, fresh = _chunk_logits(h, w, i, spec)
+        p = jnp.where(fresh, jnp.exp(z - lse[:, None]), 0.0)  # softmax over the whole vocabulary
+        dz = g_lp[:, None] * (jnp.where(fresh & (cols == y[:, None]), 1.0, 0.0) - p)
+        if with_entropy:  # dH/dz = -p (log p + H)
+            dz = dz - g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
+        if spec[1] != 1.0:
+            dz = dz / spec[1]
+        dz = dz.astype(h.dtype)
+        wc = jax.lax.dynamic_slice_in_dim(w, start, spec[0], axis=axis).astype(h.dtype)
+        dh = dh + jax.lax.dot_general(dz, wc, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.float32)
+        # dW chunk: [D, C] (vocab_axis 1) or [C, D] (vocab_axis 0)
+        lhs, rhs = (h, dz) if axis == 1 else (dz, h)
+        dwc = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(dw, start, spec[0], axis=axis)
+        return (dh, jax.lax.dynamic_update_slice_in_dim(dw, old + dwc, start, axis=axis)), None
+
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(_n_chunks(w, spec)))
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_chunked_lse.defvjp(_chunked_lse_fwd, _chunked_lse_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ SEQ_KEYS = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_id
 
 def apply_model(graphdef, params, seq: dict) -> jax.Array:
     """The model's output (logits ``[B,T,V]`` or scalars ``[B,T]``) on a sequence batch."""
-    model = nnx.merge(graphdef, params)
+    return _outputs(nnx.merge(graphdef, params), seq)
+
+
+def _outputs(model, seq: dict) -> jax.Array:
     out = model(
         seq["input_ids"],
         attention_mask=seq["attention_mask"],
@@ -86,10 +89,63 @@ def sequence_scores(scores: jax.Array, attention_mask: jax.Array, segment_ids=No
     return jnp.take_along_axis(scores, idx[:, None], axis=-1)[:, 0].astype(jnp.float32)
 
 
-def response_logps(graphdef, params, seq: dict) -> jax.Array:
-    """Per-sequence summed response log-probs: ``[B]``, or the ``segment_sums`` table of packed rows."""
-    logits = apply_model(graphdef, params, seq)
-    logps, mask = losses.shifted_logprobs(logits, seq["input_ids"], seq["loss_mask"])
+def output_layer(model) -> tuple[jax.Array, int]:
+    """The LM head's weight and its vocabulary axis: the untied ``lm_head`` kernel ``[E, V]`` (axis 1)
+    or the tied input embedding ``[V, E]`` (axis 0; Qwen2.5 small models, Llama-3.2, GPT-2's wte)."""
+    if model.lm_head is not None:
+        return model.lm_head.kernel[...], 1
+    return model.embed[...], 0
+
+
+def uses_vocab_chunks(config, vocab_chunk: int) -> bool:
+    """Whether ``token_logps`` takes the chunked path: ``vocab_chunk > 0`` (``config.model.vocab_chunk``)
+    on an LM head whose vocabulary is larger than one chunk."""
+    return vocab_chunk > 0 and config.head is None and config.vocab_size > vocab_chunk
+
+
+def token_logps(
+    graphdef, params, seq: dict, *, vocab_chunk: int = 0, temperature: float = 1.0, entropy: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Next-token log-probs of a sequence batch, the one place a forward becomes log-probs / entropy.
+
+    ``(logps [B,T-1] float32 (0 where masked), mask [B,T-1] = loss_mask[:, 1:], entropy [B,T-1] or
+    None)`` of ``softmax(logits / temperature)``. With ``vocab_chunk > 0`` and a vocabulary larger
+    than it, the model's final hidden states go through ``losses.chunked_logprobs_and_entropy`` in
+    chunks of ``vocab_chunk`` entries (no ``[B,T,V]`` logits, forward or backward); otherwise the
+    logits through ``losses.shifted_logprobs`` / ``losses.entropy_from_logits`` (the same values).
+    """
+    model = nnx.merge(graphdef, params)
+    if not uses_vocab_chunks(model.config, vocab_chunk):
+        logits = _outputs(model, seq)
+        if temperature != 1.0:
+            logits = logits.astype(jnp.float32) / temperature
+        logps, mask = losses.shifted_logprobs(logits, seq["input_ids"], seq["loss_mask"])
+        ent = losses.entropy_from_logits(logits)[:, :-1] if entropy else None
+        return logps, mask, ent
+    _, hidden = model(
+        seq["input_ids"],
+        attention_mask=seq["attention_mask"],
+        positions=seq.get("positions"),
+        segment_ids=seq.get("segment_ids"),
+        return_hidden=True,
+    )  # the unused logits are dead code under jit
+    h = constrain(model.final_norm(hidden[-1]), ("batch", "length", "embed"))  # [B,T,E]
+    weight, axis = output_layer(model)
+    ids, mask = seq["input_ids"], seq["loss_mask"][:, 1:]
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # as shifted_logprobs
+    kw = dict(chunk=vocab_chunk, temperature=temperature, vocab_axis=axis)
+    if entropy:
+        logps, ent = losses.chunked_logprobs_and_entropy(h, weight, labels, **kw)
+        ent = ent[:, :-1]
+    else:
+        logps, ent = losses.chunked_token_logprobs(h, weight, labels, **kw), None
+    return jnp.where(mask != 0, logps[:, :-1], 0.0), mask, ent
+
+
+def response_logps(graphdef, params, seq: dict, *, vocab_chunk: int = 0) -> jax.Array:
+    """Per-sequence summed response log-probs: ``[B]``, or the ``segment_sums`` table of packed rows
+    (``vocab_chunk``: see ``token_logps``)."""
+    logps, mask, _ = token_logps(graphdef, params, seq, vocab_chunk=vocab_chunk)
     logps = jnp.where(mask > 0, logps, 0.0)
     if "segment_ids" in seq:  # the token predicted at t + 1 belongs to segment_ids[:, t + 1]
         return segment_sums(logps, seq["segment_ids"][:, 1:], seq["input_ids"].shape[1])

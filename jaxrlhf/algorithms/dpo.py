@@ -4,6 +4,7 @@ dataset (``config.ref.precompute``)."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -48,20 +49,23 @@ def make_dpo_loss(
     loss_type: str,
     nll_coef: float,
     coord: dict | None = None,
+    vocab_chunk: int = 0,
 ):
+    """``vocab_chunk``: ``config.model.vocab_chunk`` (``algorithms.common.token_logps``)."""
     coord = coord or COORDINATION_DEFAULTS
+    logps_of = functools.partial(response_logps, graphdef, vocab_chunk=vocab_chunk)
 
     def loss_fn(params, ref_params, batch, denoms, rng):
         del rng
         seq = pair_sequences(batch)
-        pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq), batch)
+        pol_c, pol_r = split_pairs(logps_of(params, seq), batch)
         pos, neg = coordination(denoms.get("step", 0), **coord)
         # the loss value and every metric are unchanged; only the gradients of the two terms scale
         pol_c, pol_r = losses.gradient_scale(pol_c, pos), losses.gradient_scale(pol_r, neg)
         if "ref_chosen_logps" in batch:  # precomputed once over the dataset (frozen reference)
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            ref_logps = response_logps(graphdef, jax.lax.stop_gradient(ref_params), seq)
+            ref_logps = logps_of(jax.lax.stop_gradient(ref_params), seq)
             ref_c, ref_r = split_pairs(ref_logps, batch)
         per_pair = losses.dpo_loss(
             pol_c, pol_r, ref_c, ref_r, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type
@@ -87,20 +91,21 @@ def make_probe(config, graphdef):
     (``jaxrlhf.analysis.gradients``; the NLL term is not part of the split)."""
     d = config.dpo
     kw = dict(beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type)
+    logps_of = functools.partial(response_logps, graphdef, vocab_chunk=config.model.vocab_chunk)
 
     def probe(params, ref_params, batch):
         seq = pair_sequences(batch)
         if "ref_chosen_logps" in batch:
             ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            ref_c, ref_r = split_pairs(response_logps(graphdef, ref_params, seq), batch)
-        pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq), batch)
+            ref_c, ref_r = split_pairs(logps_of(ref_params, seq), batch)
+        pol_c, pol_r = split_pairs(logps_of(params, seq), batch)
         # the per-pair loss weight w_i = d loss_i / d log pi(y_w); d loss_i / d log pi(y_l) = -w_i
         w = jax.grad(lambda c: jnp.sum(losses.dpo_loss(c, pol_r, ref_c, ref_r, **kw)))(pol_c)
         w = jax.lax.stop_gradient(w) / w.shape[0]
 
         def surrogate(p, masks):
-            c, r = split_pairs(response_logps(graphdef, p, seq), batch)
+            c, r = split_pairs(logps_of(p, seq), batch)
             return jnp.sum(w * (masks[0] * c - masks[1] * r))
 
         one, zero = jnp.ones_like(w), jnp.zeros_like(w)
@@ -127,6 +132,7 @@ def build_loss(config, graphdef):
         loss_type=d.loss_type,
         nll_coef=d.nll_coef,
         coord=coord,
+        vocab_chunk=config.model.vocab_chunk,
     )
     return fn, pair_denominators
 
@@ -134,11 +140,12 @@ def build_loss(config, graphdef):
 # ----------------------------------------------------------------------------------------------
 # A frozen reference precomputed once over the dataset (``config.ref.precompute``).
 # ----------------------------------------------------------------------------------------------
-def make_ref_logps_fn(graphdef):
+def make_ref_logps_fn(graphdef, vocab_chunk: int = 0):
     """``(ref_params, batch) -> (chosen [B], rejected [B])`` reference log-probs, for precomputing."""
 
     def fn(ref_params, batch):
-        return split_pairs(response_logps(graphdef, ref_params, pair_sequences(batch)), batch)
+        seq = pair_sequences(batch)
+        return split_pairs(response_logps(graphdef, ref_params, seq, vocab_chunk=vocab_chunk), batch)
 
     return fn
 
@@ -197,7 +204,7 @@ def prepare(config, graphdef, params, train_it, eval_ds, mesh):
         return eval_ds, True
     if config.ref.ema_decay != 1.0 or config.ref.reset_every:
         raise ValueError("config.ref.precompute needs a frozen reference (ema_decay=1.0, reset_every=0)")
-    ref_logps = jax.jit(make_ref_logps_fn(graphdef))
+    ref_logps = jax.jit(make_ref_logps_fn(graphdef, config.model.vocab_chunk))
     train_it.dataset = WithReferenceLogps.compute(train_it.dataset, ref_logps, params, config, mesh)
     if eval_ds is not None:
         eval_ds = WithReferenceLogps.compute(eval_ds, ref_logps, params, config, mesh)

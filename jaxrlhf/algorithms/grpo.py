@@ -39,7 +39,7 @@ from jaxrlhf import config_sections as sections
 from jaxrlhf import data as data_lib
 from jaxrlhf import losses, rollout
 from jaxrlhf.algorithms.base import Algorithm
-from jaxrlhf.algorithms.common import apply_model
+from jaxrlhf.algorithms.common import token_logps
 from jaxrlhf.algorithms.ppo import actor_of, check_finite, jit_update, make_score_fn, phase_times
 from jaxrlhf.analysis import gradients
 from jaxrlhf.config_validation import Rule, check_rule
@@ -77,6 +77,7 @@ class Settings:
     gamma: float
     max_tokens: int
     temperature: float
+    vocab_chunk: int = 0  # config.model.vocab_chunk (algorithms.common.token_logps)
 
     @property
     def rollout_rows(self) -> int:
@@ -115,6 +116,7 @@ def settings(config) -> Settings:
         gamma=float(g.gamma),
         max_tokens=gen.max_new_tokens,
         temperature=float(gen.temperature),
+        vocab_chunk=config.model.vocab_chunk,
     )
 
 
@@ -216,8 +218,9 @@ def grpo_loss(params, ref_params, batch, denoms, rng, *, graphdef, s: Settings, 
     ``ref_logprobs``, ``advantages`` ``[b, T-1]``; ``kl_coef`` a scalar argument of the update.
     """
     del ref_params, rng
-    logits = apply_model(graphdef, params["actor"], batch).astype(jnp.float32) / s.temperature
-    logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    logps, mask, entropy = token_logps(
+        graphdef, params["actor"], batch, vocab_chunk=s.vocab_chunk, temperature=s.temperature, entropy=True
+    )
     agg = lambda x: losses.aggregate_loss(x, mask, s.loss_agg, global_denominator=denoms["loss"])
     tmean = lambda x: losses.aggregate_loss(x, mask, "token_mean", global_denominator=denoms["tokens"])
     pg, diag = losses.clipped_policy_loss(
@@ -229,7 +232,6 @@ def grpo_loss(params, ref_params, batch, denoms, rng, *, graphdef, s: Settings, 
         clip_eps_high=s.clip_eps_high,
         ratio_level=s.ratio_level,
     )
-    entropy = losses.entropy_from_logits(logits)[:, :-1]
     kl_ref = losses.kl_penalty(logps, batch["ref_logprobs"], estimator=s.kl_estimator)
     loss = agg(pg) - s.entropy_coef * agg(entropy)
     if not s.kl_in_reward:
@@ -289,8 +291,9 @@ def make_probe(graphdef, s: Settings, mesh):
             n = jnp.maximum(jnp.sum(valid), 1.0)
 
             def surrogate(p, m):
-                logits = apply_model(graphdef, p, batch).astype(jnp.float32) / s.temperature
-                logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+                logps, mask, _ = token_logps(
+                    graphdef, p, batch, vocab_chunk=s.vocab_chunk, temperature=s.temperature
+                )
                 pg, _ = losses.clipped_policy_loss(
                     logps,
                     batch["old_logprobs"],
@@ -352,7 +355,7 @@ def build(config, s: Settings, mesh, tokenizer, prompts_ds):
             mesh,
             setup.full_params(config, state.params, state.frozen)["actor"],
         ),
-        score=make_score_fn(graphdef, None, mesh, s.temperature),
+        score=make_score_fn(graphdef, None, mesh, s.temperature, s.vocab_chunk),
         reward=rollout.build_reward(config, mesh, tokenizer, prompts_ds),
         advantages=jax.jit(lambda r, score, kl_coef: advantages(r, score, kl_coef, s)),
         update=jit_update(make_update_fn(config, s, loss_fn, tx), shardings, mesh),

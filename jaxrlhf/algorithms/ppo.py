@@ -35,7 +35,7 @@ from jaxrlhf import config_sections as sections
 from jaxrlhf import data as data_lib
 from jaxrlhf import losses, rollout
 from jaxrlhf.algorithms.base import Algorithm
-from jaxrlhf.algorithms.common import apply_model
+from jaxrlhf.algorithms.common import apply_model, token_logps
 from jaxrlhf.analysis import gradients
 from jaxrlhf.distributed import gather
 from jaxrlhf.rollout import score_positions
@@ -58,7 +58,17 @@ def kl_coef_update(coef: float, kl: float, n_samples: int, *, target: float, hor
 
 
 def ppo_losses(
-    params, ref_params, batch, denoms, rng, *, graphdefs, cfg, kl_coef, temperature: float = 1.0
+    params,
+    ref_params,
+    batch,
+    denoms,
+    rng,
+    *,
+    graphdefs,
+    cfg,
+    kl_coef,
+    temperature: float = 1.0,
+    vocab_chunk: int = 0,
 ) -> tuple[jax.Array, dict]:
     """Clipped policy + value loss (+ entropy bonus, + optional KL loss) as global-token-mean contributions.
 
@@ -66,12 +76,14 @@ def ppo_losses(
     ``old_logprobs``, ``old_values``, ``advantages``, ``returns``, ``ref_logprobs`` (``[b, T-1]``);
     ``kl_coef`` is a scalar argument of the update (used when ``cfg.kl_mode == "loss"``); the
     policy is the sampling distribution, logits / ``temperature`` (``generation.temperature``), as
-    in the score phase, so the ratio is exactly 1 at the first minibatch.
+    in the score phase, so the ratio is exactly 1 at the first minibatch; ``vocab_chunk``:
+    ``config.model.vocab_chunk`` (``algorithms.common.token_logps``).
     """
     del ref_params, rng
     actor_gd, critic_gd = graphdefs
-    logits = apply_model(actor_gd, params["actor"], batch).astype(jnp.float32) / temperature
-    logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+    logps, mask, entropy = token_logps(
+        actor_gd, params["actor"], batch, vocab_chunk=vocab_chunk, temperature=temperature, entropy=True
+    )
     valid = mask > 0
     values = apply_model(critic_gd, params["critic"], batch)[:, :-1].astype(jnp.float32)
     tokens = denoms["tokens"]
@@ -80,7 +92,6 @@ def ppo_losses(
     pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], batch["advantages"], clip_eps=cfg.clip_eps)
     pg = pg * batch["token_coef"]  # the coordinated variants' token weights (1 by default)
     vf = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], clip_eps=cfg.value_clip_eps)
-    entropy = losses.entropy_from_logits(logits)[:, :-1]
     loss = tsum(pg) + cfg.vf_coef * tsum(vf) - cfg.entropy_coef * tsum(entropy)
     kl_ref = losses.kl_penalty(logps, batch["ref_logprobs"], estimator=cfg.kl_estimator)
     if cfg.kl_mode == "loss":
@@ -203,11 +214,12 @@ def kl_controller(pc):
     return lambda coef, kl: kl_coef_update(coef, kl, n, target=target, horizon=horizon)
 
 
-def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0):
+def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0, vocab_chunk: int = 0):
     """``probe(actor_params, minibatch, raw_advantages) -> metrics``: the clipped policy loss's
     gradient on one minibatch split into positive (A > 0) and negative (A < 0) tokens and the
     TOP/MID/BOT thirds of tokens by |A| with their mean raw advantage (``jaxrlhf.analysis.gradients``;
     the value loss is not part of the split)."""
+    kw = dict(vocab_chunk=vocab_chunk, temperature=temperature)
 
     def probe(actor_params, batch, raw_adv):
         with activation_mesh(mesh):
@@ -215,8 +227,7 @@ def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0):
             adv, n = batch["advantages"], jnp.maximum(jnp.sum(valid), 1.0)
 
             def surrogate(p, m):
-                logits = apply_model(actor_gd, p, batch).astype(jnp.float32) / temperature
-                logps, _ = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+                logps, _, _ = token_logps(actor_gd, p, batch, **kw)
                 pg = losses.ppo_policy_loss(logps, batch["old_logprobs"], adv, clip_eps=cfg.clip_eps)
                 return jnp.sum(m * pg * batch["token_coef"]) / n
 
@@ -226,21 +237,20 @@ def make_probe(actor_gd, cfg, mesh, temperature: float = 1.0):
     return jax.jit(probe)
 
 
-def make_score_fn(actor_gd, critic_gd, mesh, temperature: float):
+def make_score_fn(actor_gd, critic_gd, mesh, temperature: float, vocab_chunk: int = 0):
     """``(params, ref_params, seq) -> rollout arrays``: old/ref log-probs ``[B, T-1]``, the action mask,
     the mean entropy and, with a critic (``critic_gd`` not None), its values (no GAE yet)."""
+    kw = dict(vocab_chunk=vocab_chunk, temperature=temperature)
 
     def fn(params, ref_params, seq):
         with activation_mesh(mesh):
-            logits = apply_model(actor_gd, params["actor"], seq).astype(jnp.float32) / temperature
-            old_lp, mask = losses.shifted_logprobs(logits, seq["input_ids"], seq["loss_mask"])
-            ref_logits = apply_model(actor_gd, ref_params, seq).astype(jnp.float32) / temperature
-            ref_lp, _ = losses.shifted_logprobs(ref_logits, seq["input_ids"], seq["loss_mask"])
+            old_lp, mask, entropy = token_logps(actor_gd, params["actor"], seq, entropy=True, **kw)
+            ref_lp, _, _ = token_logps(actor_gd, ref_params, seq, **kw)
             out = {
                 "old_logprobs": old_lp,
                 "ref_logprobs": ref_lp,
                 "action_mask": mask,
-                "entropy": losses.masked_mean(losses.entropy_from_logits(logits)[:, :-1], mask),
+                "entropy": losses.masked_mean(entropy, mask),
             }
             if critic_gd is not None:
                 values = apply_model(critic_gd, params["critic"], seq)[:, :-1].astype(jnp.float32)
@@ -338,8 +348,13 @@ def build(config, mesh, tokenizer, prompts_ds):
         follow_reference=setup.reference_follows(config), guard=config.guard.factor > 0,
     )  # fmt: skip
     del params
+    chunk = config.model.vocab_chunk
     loss_fn = functools.partial(
-        ppo_losses, graphdefs=(roles.actor_gd, roles.critic_gd), cfg=pc, temperature=gc.temperature
+        ppo_losses,
+        graphdefs=(roles.actor_gd, roles.critic_gd),
+        cfg=pc,
+        temperature=gc.temperature,
+        vocab_chunk=chunk,
     )
     phases = Phases(
         sampler=rollout.config_sampler(
@@ -349,7 +364,7 @@ def build(config, mesh, tokenizer, prompts_ds):
             mesh,
             setup.full_params(config, state.params, state.frozen)["actor"],
         ),
-        score=make_score_fn(roles.actor_gd, roles.critic_gd, mesh, gc.temperature),
+        score=make_score_fn(roles.actor_gd, roles.critic_gd, mesh, gc.temperature, chunk),
         reward=rollout.build_reward(config, mesh, tokenizer, prompts_ds),
         shape=jax.jit(
             lambda raw, truncated, stats: rollout.shape_scores(raw, truncated, stats, config.reward)
@@ -359,7 +374,7 @@ def build(config, mesh, tokenizer, prompts_ds):
         kl_control=kl_controller(pc),
     )
     if config.analysis.every > 0:
-        phases.probe = make_probe(roles.actor_gd, pc, mesh, gc.temperature)
+        phases.probe = make_probe(roles.actor_gd, pc, mesh, gc.temperature, chunk)
         phases.stability = gradients.TargetStability(state.params["actor"])
     return roles, state, shardings, phases, schedule
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxrlhf import config_sections as sections
 from jaxrlhf import losses
 from jaxrlhf.algorithms.base import Algorithm
-from jaxrlhf.algorithms.common import apply_model
+from jaxrlhf.algorithms.common import token_logps
 from jaxrlhf.trainer import offline
 
 
@@ -14,11 +14,12 @@ def sft_denominators(batch: dict) -> dict:
     return {"tokens": losses.loss_denominator(batch["loss_mask"][:, 1:], "token_mean")}
 
 
-def make_sft_loss(graphdef):
+def make_sft_loss(graphdef, *, vocab_chunk: int = 0):
+    """``vocab_chunk``: ``config.model.vocab_chunk`` (``algorithms.common.token_logps``)."""
+
     def loss_fn(params, ref_params, batch, denoms, rng):
         del ref_params, rng
-        logits = apply_model(graphdef, params, batch)
-        logps, mask = losses.shifted_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+        logps, mask, _ = token_logps(graphdef, params, batch, vocab_chunk=vocab_chunk)
         nll = losses.aggregate_loss(-logps, mask, "token_mean", global_denominator=denoms["tokens"])
         return nll, {"nll": nll}
 
@@ -26,8 +27,7 @@ def make_sft_loss(graphdef):
 
 
 def build_loss(config, graphdef):
-    del config
-    return make_sft_loss(graphdef), sft_denominators
+    return make_sft_loss(graphdef, vocab_chunk=config.model.vocab_chunk), sft_denominators
 
 
 ALGORITHM = Algorithm(

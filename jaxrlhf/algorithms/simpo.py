@@ -25,11 +25,11 @@ from jaxrlhf.algorithms.common import (
 from jaxrlhf.trainer import offline
 
 
-def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float):
+def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float, vocab_chunk: int = 0):
     def loss_fn(params, ref_params, batch, denoms, rng):
         del ref_params, rng
         seq = pair_sequences(batch)
-        pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq), batch)
+        pol_c, pol_r = split_pairs(response_logps(graphdef, params, seq, vocab_chunk=vocab_chunk), batch)
         len_c, len_r = split_pairs(response_token_counts(seq), batch)
         per_pair = losses.simpo_loss(pol_c, pol_r, len_c, len_r, beta=beta, gamma=gamma)
         n = denoms["pairs"]
@@ -48,7 +48,10 @@ def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float):
 
 def build_loss(config, graphdef):
     s = config.simpo
-    return make_simpo_loss(graphdef, beta=s.beta, gamma=s.gamma, nll_coef=s.nll_coef), pair_denominators
+    loss = make_simpo_loss(
+        graphdef, beta=s.beta, gamma=s.gamma, nll_coef=s.nll_coef, vocab_chunk=config.model.vocab_chunk
+    )
+    return loss, pair_denominators
 
 
 ALGORITHM = Algorithm(

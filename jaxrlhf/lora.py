@@ -8,11 +8,13 @@ A targeted kernel ``W [in, out]`` (``y = x @ W``) stays frozen; the run trains t
 (PEFT's ``W + (alpha/r) * B·A`` in torch's ``[out, in]`` layout). ``B`` starts at zero, so step 0
 is the base model exactly (``W + 0 == W`` bit for bit).
 
-Design: the adapters are merged into the kernels *functionally*, once per forward, inside the
-jitted step (``merge``), and the ordinary model forward runs on the merged tree. No model code
-changes, every family and the sampler work unchanged; the cost is one ``[in, r] x [r, out]``
-matmul per targeted kernel per forward and a transient merged kernel. The train state splits the
-parameters into
+Design: the forward never forms ``W_eff``. ``adapt`` replaces each targeted kernel leaf of the
+model's parameter tree by a ``models.modeling.AdaptedKernel`` ``(W, A, B)``, and the model's
+``Linear`` computes ``x @ W + (alpha / r) * (dropout(x) @ A) @ B`` (PEFT's form, so
+``config.lora.dropout`` is exact): no ``[in, out]`` gradient of ``W_eff`` in the backward, no
+merged copy in the sampler (docs/lora.md has the measured FLOPs and bytes against merging).
+``merge``/``materialize`` (``W + s·A@B``) remain for exports and comparisons. The train state
+splits the parameters into
 
 * ``params`` (trainable): a tree mirroring the model's, holding ``{"lora_a", "lora_b"}`` in place
   of each targeted kernel, plus the leaves trained in full (``config.lora.full``: the scalar head);
@@ -39,11 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxrlhf.models.modeling import AdaptedKernel
+
 # The attention and MLP projections of every family (all families share these parameter names).
 DEFAULT_TARGETS = r"(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel$"
 # Leaves trained in full: the scalar head of reward models and critics.
 DEFAULT_FULL = r"(^|/)score/kernel$"
 INITS = ("kaiming", "gaussian")
+DROPOUT_SALT = 0x10AD  # folded into the loss's key before the per-layer paths (dropout keys only)
 ADAPTER_KEYS = ("lora_a", "lora_b")
 
 
@@ -57,6 +62,7 @@ class LoraSpec:
     targets: str = DEFAULT_TARGETS
     full: str = DEFAULT_FULL
     init: str = "kaiming"
+    dropout: float = 0.0  # on the adapter path's input, training forwards only
 
     @property
     def scale(self) -> float:
@@ -69,11 +75,13 @@ def from_config(config) -> LoraSpec | None:
     c = config.get("lora")
     if c is None:
         return None
-    rank, alpha, targets, full, init = c.rank, c.alpha, c.targets, c.full, c.init
+    rank, alpha, targets, full, init, dropout = c.rank, c.alpha, c.targets, c.full, c.init, c.dropout
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"config.lora.rank={rank!r}; expected an int >= 0 (0: LoRA off)")
     if not alpha > 0:
         raise ValueError(f"config.lora.alpha={alpha!r}; expected > 0")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config.lora.dropout={dropout!r}; expected a rate in [0, 1)")
     if init not in INITS:
         raise ValueError(f"config.lora.init={init!r}; expected one of {INITS}")
     for key, pattern in (("targets", targets), ("full", full)):
@@ -83,7 +91,9 @@ def from_config(config) -> LoraSpec | None:
             raise ValueError(f"config.lora.{key}={pattern!r} is not a regex: {e}") from None
     if rank == 0:
         return None
-    return LoraSpec(rank=int(rank), alpha=float(alpha), targets=targets, full=full, init=init)
+    return LoraSpec(
+        rank=int(rank), alpha=float(alpha), targets=targets, full=full, init=init, dropout=float(dropout)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def is_adapter(keys: tuple) -> bool:
 # ----------------------------------------------------------------------------------------------
 def classify(params, spec: LoraSpec) -> dict[tuple, str]:
     """``{key tuple: "full" | "lora" | "frozen"}`` for every leaf (``full`` wins over ``targets``).
-    A targeted leaf that is not a 2-D kernel raises, naming it."""
+    A targeted leaf that is not a 2-D ``Linear`` kernel (a path ending in ``kernel``) raises, naming it."""
     full, targets = re.compile(spec.full), re.compile(spec.targets)
     kinds = {}
     for keys, leaf in flatten(params).items():
@@ -133,9 +143,10 @@ def classify(params, spec: LoraSpec) -> dict[tuple, str]:
         if full.search(path):
             kinds[keys] = "full"
         elif targets.search(path):
-            if len(leaf.shape) != 2:
+            if len(leaf.shape) != 2 or keys[-1] != "kernel":
                 raise ValueError(
-                    f"config.lora.targets matches {path!r} of shape {leaf.shape}; LoRA needs a 2-D kernel"
+                    f"config.lora.targets matches {path!r} of shape {leaf.shape}; LoRA adapts the 2-D "
+                    "kernels of Linear layers (paths ending in /kernel)"
                 )
             kinds[keys] = "lora"
         else:
@@ -225,6 +236,33 @@ def merge(trainable, frozen, scale: float) -> dict:
     return unflatten(out)
 
 
+def adapt(trainable, frozen, scale: float, rate: float = 0.0) -> dict:
+    """The model's parameter tree with each adapted kernel as an ``AdaptedKernel(W, A, B)`` (no merge):
+    the frozen leaves, ``trainable``'s fully trained leaves, and ``AdaptedKernel`` (dropout ``rate``,
+    no key yet: ``with_dropout`` adds them) where ``trainable`` has adapters for ``W`` (a tree without
+    them, or ``None``, leaves ``W`` as it is: adapters off). Pure; no array is created."""
+    t = flatten(trainable)
+    out = {}
+    for keys, w in flatten(frozen).items():
+        a = t.get(keys + ("lora_a",))
+        out[keys] = w if a is None else AdaptedKernel(w, a, t[keys + ("lora_b",)], scale=scale, rate=rate)
+    out.update({k: v for k, v in t.items() if not is_adapter(k)})
+    return unflatten(out)
+
+
+def with_dropout(tree, rng: jax.Array) -> dict:
+    """``tree`` (from ``adapt``) with a dropout key in each ``AdaptedKernel`` whose rate is > 0:
+    ``fold_in(fold_in(rng, DROPOUT_SALT), crc32(path))``, so every layer draws its own mask and the
+    masks are a function of the step's key (resume stays bit-exact)."""
+    root = jax.random.fold_in(rng, DROPOUT_SALT)
+    out = {}
+    for keys, v in flatten(tree).items():
+        if isinstance(v, AdaptedKernel) and v.rate > 0:
+            v = dataclasses.replace(v, rng=jax.random.fold_in(root, zlib.crc32(name(keys).encode())))
+        out[keys] = v
+    return unflatten(out)
+
+
 def without_adapters(tree) -> dict | None:
     """``tree`` less its adapters (the reference of a frozen-reference LoRA run: adapters off);
     ``None`` when nothing is left."""
@@ -302,39 +340,87 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def peft_tensors(trainable, spec: LoraSpec, model_config) -> tuple[dict[str, np.ndarray], list[str]]:
-    """``({PEFT tensor name: array}, target module names)`` for a causal LM.
+# HF layouts (``hf_io.Group.kind``) whose weight is a GPT-2 ``Conv1D`` ``[in, out]`` (PEFT: fan_in_fan_out).
+_CONV1D_KINDS = ("id", "split")
 
-    Each targeted kernel must map one-to-one to an HF ``Linear`` weight (``kind == "T"``); fused
-    HF weights (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) and fully trained leaves have no
-    plain PEFT LoRA form and raise, naming them. PEFT layout: ``lora_A.weight [r, in] = A.T``,
-    ``lora_B.weight [out, r] = B.T``.
-    """
+
+def _peft_groups(model_config) -> dict[str, tuple[Any, int]]:
+    """``{our kernel path: (hf_io.Group, index of the kernel in it)}`` of every 2-D HF weight."""
     from jaxrlhf.models.hf_io import weight_groups
 
+    out = {}
+    for g in weight_groups(model_config):
+        if g.hf.endswith(".weight") and all(o.endswith("/kernel") for o in g.ours):
+            for i, ours in enumerate(g.ours):
+                out[ours] = (g, i)
+    return out
+
+
+def _module_adapter(group, parts: dict[int, tuple[np.ndarray, np.ndarray]], model_config):
+    """One HF module's PEFT ``(lora_A [R, in], lora_B [out, R])`` from our adapters ``{index in the
+    group: (A [in, r], B [r, out])}`` of its parts, ``R = r * len(parts)``.
+
+    ``delta = sum_j A_j B_j`` placed at part ``j``'s output columns is ``[A_1 | A_2 | ...] @
+    blockdiag(B_1, B_2, ...)``: ``lora_A`` = the ``A``s side by side (transposed), ``lora_B`` = the
+    block matrix (zeros for untargeted parts) put into the HF output order by the group's own
+    layout transform (``hf_io._to_hf``: GPT-2 ``c_attn`` columns ``[q | k | v]``, GPT-NeoX
+    ``query_key_value`` rows interleaved per head), transposed for ``Conv1D`` layouts.
+    """
+    from jaxrlhf.models.hf_io import _to_hf
+
+    order = sorted(parts)
+    r = parts[order[0]][0].shape[1]
+    a = np.concatenate([parts[j][0] for j in order], axis=1)  # [in, R]
+    c = model_config
+    dims = [c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2  # fused q, k, v outputs
+    blocks = []
+    for j, _ in enumerate(group.ours):
+        out_dim = parts[j][1].shape[1] if j in parts else dims[j]
+        bj = np.zeros((len(order) * r, out_dim), a.dtype)  # our kernel layout [in = R, out_j]
+        if j in parts:
+            k = order.index(j)
+            bj[k * r : (k + 1) * r] = parts[j][1]
+        blocks.append(bj)
+    hf_b = _to_hf(group, blocks, model_config)  # the HF weight layout with in = R
+    b = hf_b.T if group.kind in _CONV1D_KINDS else hf_b  # [out, R]
+    return np.ascontiguousarray(a.T), np.ascontiguousarray(b)
+
+
+def peft_tensors(trainable, spec: LoraSpec, model_config) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """``({PEFT tensor name: array}, target module names, PEFT rank)`` for a causal LM.
+
+    PEFT layout: ``lora_A.weight [R, in]``, ``lora_B.weight [out, R]``, ``delta_W = (alpha'/R) B A``
+    in torch's ``[out, in]``. Our targeted kernels map to HF modules one-to-one (Llama-like families,
+    GPT-2's ``c_proj``/``c_fc``, GPT-NeoX's ``dense*``) or several to one fused module (GPT-2
+    ``c_attn``, GPT-NeoX ``query_key_value``: q, k and v), whose adapter is the exact sum of the
+    parts', of rank ``r`` per part (``_module_adapter``). PEFT and vLLM take one rank per adapter,
+    so every module is written at ``R`` = the largest (others padded with zero rows of ``A`` and zero
+    columns of ``B``, which change nothing) and ``alpha' = alpha * R / r`` keeps the scale ``alpha / r``.
+    Fully trained leaves (``config.lora.full``) and scalar-head models have no PEFT LoRA form and raise.
+    """
     if model_config.head is not None:
         raise ValueError("PEFT export covers causal LMs; a scalar-head model is exported merged only")
     t = flatten(trainable)
     full = [name(k) for k in t if not is_adapter(k)]
     if full:
         raise ValueError(f"PEFT export: fully trained leaves {full[:3]} have no LoRA form (config.lora.full)")
-    by_ours = {g.ours[0]: g for g in weight_groups(model_config) if len(g.ours) == 1 and g.kind == "T"}
-    tensors, modules = {}, []
+    groups = _peft_groups(model_config)
+    modules: dict[str, tuple[Any, dict]] = {}
     for keys in sorted((k[:-1] for k in t if k[-1] == "lora_a"), key=name):
-        g = by_ours.get(name(keys))
-        if g is None:
-            raise ValueError(
-                f"PEFT export: {name(keys)} is part of a fused HF weight in family {model_config.family!r}"
-            )
-        module = g.hf[: -len(".weight")]
-        modules.append(module)
-        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
-            _host(t[keys + ("lora_a",)]).T
-        )
-        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
-            _host(t[keys + ("lora_b",)]).T
-        )
-    return tensors, modules
+        if name(keys) not in groups:
+            family = model_config.family
+            raise ValueError(f"PEFT export: {name(keys)} maps to no HF weight of family {family!r}")
+        g, j = groups[name(keys)]
+        ab = (_host(t[keys + ("lora_a",)]), _host(t[keys + ("lora_b",)]))
+        modules.setdefault(g.hf[: -len(".weight")], (g, {}))[1][j] = ab
+    adapters = {m: _module_adapter(g, parts, model_config) for m, (g, parts) in modules.items()}
+    rank = max(a.shape[0] for a, _ in adapters.values())
+    tensors = {}
+    for module, (a, b) in adapters.items():
+        pad = rank - a.shape[0]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.pad(a, ((0, pad), (0, 0)))
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.pad(b, ((0, 0), (0, pad)))
+    return tensors, list(adapters), rank
 
 
 def export_peft(trainable, spec: LoraSpec, model_config, out_dir: str, base_path: str) -> str:
@@ -342,7 +428,7 @@ def export_peft(trainable, spec: LoraSpec, model_config, out_dir: str, base_path
     ``peft.PeftModel.from_pretrained(base, out_dir)`` loads (and vLLM serves) on the HF base."""
     from safetensors.numpy import save_file
 
-    tensors, modules = peft_tensors(trainable, spec, model_config)
+    tensors, modules, rank = peft_tensors(trainable, spec, model_config)
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -350,12 +436,12 @@ def export_peft(trainable, spec: LoraSpec, model_config, out_dir: str, base_path
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_path,
-            "r": spec.rank,
-            "lora_alpha": spec.alpha,
-            "lora_dropout": 0.0,
+            "r": rank,
+            "lora_alpha": spec.alpha * rank / spec.rank,  # the scale alpha' / R = alpha / r
+            "lora_dropout": spec.dropout,
             "target_modules": modules,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": model_config.family == "gpt2",  # GPT-2's Conv1D weights are [in, out]
             "inference_mode": True,
             "init_lora_weights": True,
             "use_rslora": False,

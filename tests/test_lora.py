@@ -375,8 +375,9 @@ def test_precomputed_reference_matches_the_adapters_off_reference(dpo_run, base_
 
 
 def test_sampler_with_adapters_equals_the_merged_model(dpo_run):
-    """The rollout sampler fed the adapters merged into the base (``setup.full_params``) decodes the
-    same greedy tokens as the exported merged model loaded back from disk."""
+    """The rollout sampler fed the adapters unmerged (``setup.full_params``: ``AdaptedKernel`` leaves,
+    ``x @ W + s (x @ A) @ B`` in every decode step) decodes the same greedy tokens as the exported
+    merged model loaded back from disk."""
     result, work = dpo_run
     state = result["state"]
     config = _dpo_lora("", 4)

@@ -8,6 +8,7 @@ Attention scores, softmax, norms and RoPE run in float32; matmuls in ``config.dt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -34,8 +35,59 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaptedKernel:
+    """A LoRA-adapted kernel leaf (``jaxrlhf.lora.adapt``), in place of a ``Linear``'s kernel array:
+    the layer computes ``x @ w + scale * (dropout(x) @ a) @ b`` (Hu et al. 2021, PEFT's
+    ``result + lora_B(lora_A(dropout(x))) * scaling``) without forming ``w + scale * a @ b``.
+
+    ``w [in, out]`` frozen base (no gradient flows into it), ``a [in, r]``, ``b [r, out]``;
+    ``scale = alpha / r`` and ``rate`` (dropout probability) are static; ``rng`` is the dropout key
+    (``None``: no dropout, as in the reference, the sampler, scoring and evaluation).
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    rng: jax.Array | None = None
+    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    def merged(self) -> jax.Array:
+        """``w + scale * a @ b`` ``[in, out]`` in ``w``'s dtype (float32 sum at full precision)."""
+        ab = jnp.dot(self.a.astype(jnp.float32), self.b.astype(jnp.float32), precision="highest")
+        return (self.w.astype(jnp.float32) + self.scale * ab).astype(self.w.dtype)
+
+
+def _kernel(layer) -> jax.Array | AdaptedKernel:
+    value = layer.kernel.get_value()
+    return value if isinstance(value, AdaptedKernel) else layer.kernel[...]
+
+
+def adapter_dropout(x: jax.Array, k: AdaptedKernel) -> jax.Array:
+    """Inverted dropout of the adapter input (``torch.nn.Dropout``: kept entries scaled by
+    ``1 / (1 - rate)``); ``x`` unchanged when ``k.rate == 0`` or ``k.rng is None``."""
+    if k.rate == 0.0 or k.rng is None:
+        return x
+    keep = jax.random.bernoulli(k.rng, 1.0 - k.rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - k.rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def adapter_out(xa: jax.Array, k: AdaptedKernel, dtype, out_dtype=None) -> jax.Array:
+    """``scale * xa @ b``: the adapter path's output ``[..., out]`` from ``xa = dropout(x) @ a [..., r]``."""
+    return dense(xa, k.b, None, dtype, out_dtype) * jnp.asarray(k.scale, out_dtype or dtype)
+
+
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)``; ``kernel [in, out]`` (HF torch ``Linear`` weight transposed)."""
+    """``y = x @ kernel (+ bias)``; ``kernel [in, out]`` (HF torch ``Linear`` weight transposed).
+
+    The kernel may be an ``AdaptedKernel`` (LoRA): ``y = x @ w (+ bias) + scale * (dropout(x) @ a) @ b``.
+    """
 
     def __init__(self, din: int, dout: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs, std=0.02):
         pd = jnp.dtype(cfg.param_dtype)
@@ -45,7 +97,17 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
-        return dense(x, self.kernel[...], bias, self.dtype, out_dtype)
+        k = _kernel(self)
+        if not isinstance(k, AdaptedKernel):
+            return dense(x, k, bias, self.dtype, out_dtype)
+        y = dense(x, jax.lax.stop_gradient(k.w), bias, self.dtype, out_dtype)
+        xa = dense(adapter_dropout(x, k), k.a, None, self.dtype)  # [..., r]
+        return y + adapter_out(xa, k, self.dtype, out_dtype or self.dtype)
+
+    def effective_kernel(self) -> jax.Array:
+        """The kernel ``[in, out]`` the layer applies (an adapted one merged, ``AdaptedKernel.merged``)."""
+        k = _kernel(self)
+        return k.merged() if isinstance(k, AdaptedKernel) else k
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias, dtype, out_dtype=None) -> jax.Array:
@@ -70,7 +132,8 @@ def fused_dense(x: jax.Array, layers) -> list[jax.Array]:
     """
     if len(layers) == 1 or axis_size("tensor") > 1:
         return [layer(x) for layer in layers]
-    kernels = [layer.kernel[...] for layer in layers]
+    adapted = [_kernel(layer) for layer in layers]
+    kernels = [jax.lax.stop_gradient(k.w) if isinstance(k, AdaptedKernel) else k for k in adapted]
     bias = None
     if any(layer.bias is not None for layer in layers):
         bias = jnp.concatenate([
@@ -78,7 +141,29 @@ def fused_dense(x: jax.Array, layers) -> list[jax.Array]:
             for layer, k in zip(layers, kernels, strict=True)
         ])  # fmt: skip
     y = dense(x, jnp.concatenate(kernels, axis=1), bias, layers[0].dtype)
-    return jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
+    ys = jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
+    return fused_adapters(x, ys, adapted, layers[0].dtype)
+
+
+def fused_adapters(x: jax.Array, ys: list[jax.Array], kernels: list, dtype) -> list[jax.Array]:
+    """Adds each ``AdaptedKernel``'s adapter output to its slice of a fused projection ``ys``.
+
+    Without dropout the ``A``s share one ``x @ [A_1 | A_2 | ...]`` dot (the input is the same);
+    with dropout each adapter draws its own mask, as PEFT's per-module ``lora_dropout``.
+    """
+    idx = [i for i, k in enumerate(kernels) if isinstance(k, AdaptedKernel)]
+    if not idx:
+        return ys
+    ks = [kernels[i] for i in idx]
+    if all(k.rate == 0.0 or k.rng is None for k in ks):
+        xa = dense(x, jnp.concatenate([k.a for k in ks], axis=1), None, dtype)  # [..., sum r]
+        xas = jnp.split(xa, np.cumsum([k.a.shape[1] for k in ks])[:-1].tolist(), axis=-1)
+    else:
+        xas = [dense(adapter_dropout(x, k), k.a, None, dtype) for k in ks]
+    out = list(ys)
+    for i, k, xa in zip(idx, ks, xas, strict=True):
+        out[i] = ys[i] + adapter_out(xa, k, dtype)
+    return out
 
 
 class Norm(nnx.Module):

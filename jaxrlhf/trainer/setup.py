@@ -185,10 +185,11 @@ def make_state(
 
 def train_step_fn(config, loss_fn, denominators, tx, *, ref_of: Callable = no_reference):
     """The generic step (``make_train_step``) with the config's accumulation, reference and LoRA
-    settings (``config.lora``: the loss sees the base with the adapters merged in)."""
+    settings (``config.lora``: the loss sees the base with the adapters applied, ``lora_views``,
+    and with ``config.lora.dropout > 0`` dropout keys drawn from its per-micro-batch key)."""
     with_ref = ref_of is not no_reference
     return make_train_step(
-        loss_fn,
+        lora_dropout(config, loss_fn),
         denominators,
         tx,
         num_micro_batches=config.micro_batches,
@@ -229,24 +230,48 @@ def reference_follows(config) -> bool:
 
 def lora_views(config, ref_of: Callable = no_reference):
     """``views(params, ref_params, frozen)`` for ``make_train_step`` (``None`` without LoRA): the
-    base with the trainable adapters merged in, and the reference = the base with the reference's
-    adapters (none for a frozen reference: adapters off)."""
+    base with the trainable adapters applied (``lora.adapt``: ``AdaptedKernel`` leaves with the
+    config's dropout rate, keys added by ``lora_dropout``), and the reference = the base with the
+    reference's adapters, never dropped out (none for a frozen reference: adapters off)."""
     spec = lora_lib.from_config(config)
     if spec is None:
         return None
 
     def views(params, ref_params, frozen):
-        full = lora_lib.merge(params, frozen, spec.scale)
+        full = lora_lib.adapt(params, frozen, spec.scale, spec.dropout)
         if ref_of is no_reference:
             return full, ref_params
-        return full, lora_lib.merge(ref_params, ref_of(frozen), spec.scale)
+        return full, lora_lib.adapt(ref_params, ref_of(frozen), spec.scale)
 
     return views
 
 
+def lora_dropout(config, loss_fn):
+    """``loss_fn`` as it is, or with ``config.lora.dropout > 0`` a loss that first gives each of the
+    policy's adapted kernels its dropout key from the loss's per-micro-batch ``rng``
+    (``lora.with_dropout``): a function of the step's key, so resume stays bit-exact."""
+    spec = lora_lib.from_config(config)
+    if spec is None or spec.dropout == 0.0:
+        return loss_fn
+
+    def with_dropout(params, ref_params, batch, denoms, rng):
+        return loss_fn(lora_lib.with_dropout(params, rng), ref_params, batch, denoms, rng)
+
+    return with_dropout
+
+
 def full_params(config, params, frozen):
-    """The model's parameters outside a step (sampler, scoring, export): ``params`` without LoRA,
-    else the base with the adapters merged in (only the targeted kernels are new arrays)."""
+    """The model's parameters outside a step (sampler, scoring): ``params`` without LoRA, else the
+    base with the adapters applied as ``AdaptedKernel`` leaves (``lora.adapt``: nothing merged, no
+    new array, no dropout)."""
+    if frozen is None:
+        return params
+    return lora_lib.adapt(params, frozen, lora_lib.from_config(config).scale)
+
+
+def merged_params(config, params, frozen):
+    """Plain arrays outside a step (export, gradient probes): ``params`` without LoRA, else the base
+    with ``W + (alpha/r)·A@B`` merged into the targeted kernels (new arrays, sharded like them)."""
     if frozen is None:
         return params
     return lora_lib.materialize(params, frozen, lora_lib.from_config(config).scale)
@@ -434,10 +459,11 @@ def export_hf(graphdef, params, out_dir: str) -> str:
 
 def export_lora(config, graphdef, params, frozen, workdir: str) -> dict[str, str]:
     """A LoRA run's exports: ``<workdir>/hf`` (the merged model, ``W + (alpha/r)·A@B``) and
-    ``<workdir>/peft`` (the adapters for ``peft``/vLLM on the HF base; causal LMs whose targets
-    map one-to-one to HF weights, else logged and skipped)."""
+    ``<workdir>/peft`` (the adapters for ``peft``/vLLM on the HF base, ``lora.export_peft``: causal
+    LMs of every family, fused HF modules included; scalar heads and ``config.lora.full`` leaves are
+    logged and skipped)."""
     spec = lora_lib.from_config(config)
-    merged = lora_lib.materialize(params, frozen, spec.scale)
+    merged = merged_params(config, params, frozen)
     out = {"hf": export_hf(graphdef, merged, os.path.join(workdir, "hf"))}
     model_config = nnx.merge(graphdef, merged).config
     del merged

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -100,7 +101,9 @@ SIZES = {
     "smoke": dataclasses.replace(q.SIZES["smoke"], model=_NEOX_SMOKE, n_eval_prompts=16),
 }
 EXTRA = {
-    "e6": Extra(3e-4, 80, 32, 1, 0.1, 0.05, 5, 64, 2, 40),
+    # beta 1.0 / kl_coef 0.05: final KL to SFT 3.1 vs 2.5 nats/seq in a one-seed calibration (beta 0.5: 5.0;
+    # beta 0.1: 16.6); the shared lr 3e-4 is the larger of the quickstart's DPO and E2's PPO rates
+    "e6": Extra(3e-4, 80, 32, 1, 1.0, 0.05, 5, 64, 2, 40),
     "smoke": Extra(1e-3, 4, 8, 1, 0.1, 0.05, 2, 8, 1, 12),
 }
 
@@ -366,7 +369,11 @@ def degeneracy(prompts: list[str], responses: list[str], scores) -> dict[str, An
         from jaxrlhf.tasks import degeneracy as deg  # optional: added by issue 17
     except ImportError:
         return None
-    return deg.degeneracy_stats(responses, prompts, scores)
+    try:
+        return deg.degeneracy_stats(responses, prompts, scores)
+    except Exception as e:  # another issue's module: its failure must not lose the experiment
+        logging.warning("degeneracy_stats failed (%r); left out", e)
+        return {"error": repr(e)}
 
 
 # ------------------------------------------------------------------------------ one seed
@@ -390,9 +397,12 @@ def run_seed(size: str, seed: int, root: str, x: Extra) -> dict[str, Any]:
     runs = {"dpo": train(dpo_config(name, p, x), p.stage_dir("dpo"))}
     runs["ppo"] = train(ppo_config(name, p, x), p.stage_dir("ppo"))
     probe = os.path.join(p.workdir, "data", "probe_prompts.jsonl")
-    if not os.path.exists(probe):
+    if not os.path.exists(probe + ".json"):
         seen = {r["prompt"] for path in (p.sft_data, p.train_prompts) for r in common.read_jsonl(path)}
-        stages["probe"] = write_probe_prompts(probe, x.probe_prompts, seed + 30, seen)
+        with open(probe + ".json", "w") as f:
+            json.dump(write_probe_prompts(probe, x.probe_prompts, seed + 30, seen), f)
+    with open(probe + ".json") as f:
+        stages["probe"] = json.load(f)
     t1 = time.perf_counter()
     rows = q.compare_policies(
         q.load_config("evaluate", name, p.workdir),
@@ -713,6 +723,7 @@ def plot_activations(res: dict[str, Any], path: str) -> None:
                     label=f"{n.upper()} {g}",
                 )  # fmt: skip
         ax.set_ylim(bottom=0)
+        ax.set_xticks(range(len(act["dpo"]["positive"][m])))
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_ylabel(
             "1 - cosine(residual, SFT residual)" if m == "cosine" else "logit-lens KL to SFT (nats)"

@@ -817,12 +817,42 @@ def git_commit(path: str | None = None) -> str | None:
         return None
 
 
+def scorer_fingerprint() -> dict[str, Any]:
+    """What judged this run: the commit of ``tasks/reviews.py``, whether the file differs from it, and
+    the sha256 of the scorer's source and assets as this process imported them."""
+    import glob
+    import hashlib
+
+    from jaxrlhf.tasks import reviews
+
+    files = [
+        reviews.__file__,
+        *sorted(glob.glob(os.path.join(os.path.dirname(reviews.__file__), "assets", "review*.txt"))),
+    ]
+    sha = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            sha[os.path.relpath(f, os.path.dirname(reviews.__file__))] = hashlib.sha256(fh.read()).hexdigest()
+    try:
+        dirty = (
+            subprocess.run(
+                ["git", "diff", "--quiet", "HEAD", "--", reviews.__file__],
+                cwd=os.path.dirname(reviews.__file__),
+            ).returncode
+            != 0
+        )
+    except OSError:
+        dirty = None
+    return {"commit": git_commit(reviews.__file__), "uncommitted_changes": dirty, "sha256": sha}
+
+
 def run(size: str, seeds: int, workdir: str, out: str, x: Extra) -> dict[str, Any]:
     from jaxrlhf.trainer.harness import enable_compilation_cache
 
     t0, c0 = time.perf_counter(), q._cpu_seconds()
     root = os.path.join(workdir, size)
     enable_compilation_cache(os.path.join(root, "jax_cache"))  # seeds 1.. reuse seed 0's compiles
+    scorer = scorer_fingerprint()  # before any scoring: the source this process imports
     per_seed = [run_seed(size, seed, root, x) for seed in range(seeds)]
     for r in per_seed:  # the per-sample scores stay in results.json only for the histograms' record
         for n in POLICIES:
@@ -839,7 +869,7 @@ def run(size: str, seeds: int, workdir: str, out: str, x: Extra) -> dict[str, An
         "reference": {"dpo": "frozen SFT", "ppo": "frozen SFT (ref.ema_decay=1.0)"},
         "statistics": "mean over seeds; ci95 = t_{0.975,n-1} * sd(ddof=1) / sqrt(n)",
         "commit": git_commit(),
-        "scorer_commit": git_commit(os.path.join(os.path.dirname(__file__), "..", "tasks", "reviews.py")),
+        "scorer": scorer,
         "per_seed": per_seed,
     }
     res["summary"] = summarise(per_seed)

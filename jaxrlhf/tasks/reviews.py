@@ -37,11 +37,15 @@ outside the grammar pays in the logit.
    verdict ``V`` is the mean of ``v`` over the clauses with a counted sentiment word, weighted 1.5
    after "but" (the contrast carries the verdict), 0.5 after "although" (a concession), 1 otherwise;
    ``V = 0`` when there is none.
-5. Degenerate text is penalised in the logit: ``0.5`` per unlicensed sentiment word, ``0.5`` per
-   stacked intensifier, ``0.5`` per ``<unk>``, ``0.5`` per word bigram the grammar never produces
-   (``grammar_bigrams``: the 3 546 bigrams of 20 000 generated reviews, shipped in
-   ``assets/review_bigrams.txt``), and ``4 * r`` where ``r`` is the fraction of word 3-grams that
-   repeat an earlier 3-gram of the text.
+5. Degenerate text is penalised in the logit, ``0.5`` per unlicensed sentiment word, stacked
+   intensifier, ``<unk>``, and per *off-grammar* item, that is anything the generator never writes:
+   a word bigram (``grammar_bigrams``: the 3 546 bigrams of 20 000 generated reviews,
+   ``assets/review_bigrams.txt``), a trigram of word classes (``grammar_class_trigrams``:
+   adjectives, verbs, nouns, intensifiers and negations replaced by their class, the start of the
+   text marked ``<s>``; the 1 115 trigrams of 60 000 reviews, ``assets/review_class_trigrams.txt``),
+   a connective beyond the first of a sentence (run-on), a verb beyond one in a clause
+   (``FINITE_VERBS``), a noun after an adjective without an article ("was dark story"); plus
+   ``4 * r`` where ``r`` is the fraction of word 3-grams that repeat an earlier 3-gram of the text.
 6. ``gold_score = sigmoid(SCALE * V - penalty)`` with ``SCALE = 3``, a number in (0, 1); a clean text
    scores at most ``sigmoid(3) = 0.953``.
 
@@ -182,9 +186,12 @@ WORD_DECAY = 0.5  # k-th strongest sentiment word of a clause counts WORD_DECAY 
 REPEAT_DECAY = 0.5  # j-th occurrence of the same sentiment word in the text counts REPEAT_DECAY ** (j - 1)
 UNLICENSED_PENALTY = 0.5
 STACKED_PENALTY = 0.5
-BIGRAM_PENALTY = 0.5  # per word bigram the grammar never produces (``grammar_bigrams``)
+OFF_GRAMMAR_PENALTY = 0.5  # per word bigram and per class trigram the grammar never produces
 BIGRAM_REVIEWS = 20_000  # reviews of seed 0 whose bigrams define the grammar's (10 000 miss 1 of 3 546)
-BIGRAMS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "review_bigrams.txt")
+TRIGRAM_REVIEWS = 60_000  # reviews of seed 0 whose class trigrams define the grammar's (20 000 miss 10)
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BIGRAMS_PATH = os.path.join(_ASSETS, "review_bigrams.txt")
+TRIGRAMS_PATH = os.path.join(_ASSETS, "review_class_trigrams.txt")
 UNK_PENALTY = 0.5
 REPEAT_PENALTY = 4.0
 SENTIMENTS = ("positive", "negative", "mixed")
@@ -473,6 +480,47 @@ def review_prompts(
 # ---------------------------------------------------------------------------------------------
 
 
+def _word_classes() -> dict[str, str]:
+    """Content words -> their class (ADJ, VPAST, VBASE, NS sentiment noun, N noun, INT, NEG); every other
+    word is its own class."""
+    out = {w: "ADJ" for w in (*POSITIVE_ADJECTIVES, *NEGATIVE_ADJECTIVES, *NEUTRAL_ADJECTIVES)}
+    for past, base in (*POSITIVE_VERBS, *NEGATIVE_VERBS, *NEUTRAL_VERBS):
+        out[past], out[base] = "VPAST", "VBASE"
+    out.update({w: "VBASE" for w in AUX_VERBS})
+    out.update({w: "NS" for w in NOUNS})
+    out.update({s.split()[-1]: "N" for s in SUBJECTS_SINGULAR + SUBJECTS_PLURAL})
+    out.update({w: "N" for w in NEUTRAL_NOUNS})
+    out.update({w: "INT" for w in INTENSIFIERS})
+    out.update({w: "NEG" for w in NEGATIONS})
+    return out
+
+
+WORD_CLASSES = _word_classes()
+
+
+def _class_trigrams(ws: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The class trigrams of ``<s> ws`` (``<s>`` marks the start of the text: a review starts as one)."""
+    cs = ["<s>"] + [WORD_CLASSES.get(w, w) for w in ws]
+    return list(zip(cs, cs[1:], cs[2:], strict=False))
+
+
+FINITE_VERBS = frozenset(
+    {*COPULAS_SINGULAR, *COPULAS_PLURAL, "seemed", "looked", "did", "would", "should"}
+    | {w for w, c in WORD_CLASSES.items() if c == "VPAST"}
+)
+"""Verbs a clause holds one of ("felt" is left out: the opener "i felt that" precedes a clause's verb)."""
+
+
+def build_class_trigrams(n: int = TRIGRAM_REVIEWS, seed: int = 0) -> frozenset[tuple[str, str, str]]:
+    """Every trigram of word classes (``WORD_CLASSES``) in ``generate_reviews(n, seed)``: the grammar's
+    sentence structure ("the N was ADJ", never "ADJ N is ADJ N is"; ``<s>`` marks the start). 1 115
+    trigrams; 20 000 fresh reviews of another seed have none outside the set."""
+    out: set[tuple[str, str, str]] = set()
+    for text in generate_reviews(n, seed):
+        out.update(_class_trigrams(text.split()))
+    return frozenset(out)
+
+
 def build_grammar_bigrams(n: int = BIGRAM_REVIEWS, seed: int = 0) -> frozenset[tuple[str, str]]:
     """Every word bigram of ``generate_reviews(n, seed)`` (default mix): the grammar's bigrams.
 
@@ -486,19 +534,32 @@ def build_grammar_bigrams(n: int = BIGRAM_REVIEWS, seed: int = 0) -> frozenset[t
     return frozenset(out)
 
 
-def write_grammar_bigrams(path: str | os.PathLike = BIGRAMS_PATH) -> int:
-    """Writes ``build_grammar_bigrams()`` as sorted "w1 w2" lines (the shipped asset); returns the count."""
-    pairs = sorted(build_grammar_bigrams())
-    with open(path, "w") as f:
-        f.writelines(f"{a} {b}\n" for a, b in pairs)
-    return len(pairs)
+def write_grammar_ngrams(bigrams_path=BIGRAMS_PATH, trigrams_path=TRIGRAMS_PATH) -> tuple[int, int]:
+    """Writes ``build_grammar_bigrams()`` and ``build_class_trigrams()`` as sorted space-separated lines
+    (the shipped assets; rerun after changing the grammar); returns the two counts."""
+    counts = []
+    for path, grams in ((bigrams_path, build_grammar_bigrams()), (trigrams_path, build_class_trigrams())):
+        with open(path, "w") as f:
+            f.writelines(" ".join(g) + "\n" for g in sorted(grams))
+        counts.append(len(grams))
+    return counts[0], counts[1]
+
+
+def _read_ngrams(path: str) -> frozenset[tuple[str, ...]]:
+    with open(path) as f:
+        return frozenset(tuple(line.split()) for line in f if line.strip())
 
 
 @functools.cache
 def grammar_bigrams() -> frozenset[tuple[str, str]]:
-    """The shipped ``assets/review_bigrams.txt`` (``write_grammar_bigrams``), loaded once."""
-    with open(BIGRAMS_PATH) as f:
-        return frozenset(tuple(line.split()) for line in f if line.strip())
+    """The shipped ``assets/review_bigrams.txt`` (``write_grammar_ngrams``), loaded once."""
+    return _read_ngrams(BIGRAMS_PATH)
+
+
+@functools.cache
+def grammar_class_trigrams() -> frozenset[tuple[str, str, str]]:
+    """The shipped ``assets/review_class_trigrams.txt`` (``write_grammar_ngrams``), loaded once."""
+    return _read_ngrams(TRIGRAMS_PATH)
 
 
 def _skip_modifiers(ws: Sequence[str], j: int, step: int) -> int:
@@ -515,9 +576,9 @@ def _licensor(ws: Sequence[str], i: int) -> str | None:
 
 
 def _coordinates(ws: Sequence[str], i: int) -> bool:
-    """Whether the "and" at ``ws[i]`` joins a sentiment word to its clause ("was great and funny")."""
+    """Whether the "and" at ``ws[i]`` joins an adjective to its clause ("was great and funny")."""
     j = _skip_modifiers(ws, i + 1, 1)
-    return j < len(ws) and ws[j] in LEXICON and "and" in LICENSORS[_pos_of(ws[j])]
+    return j < len(ws) and (ws[j] in ADJECTIVES or ws[j] in NEUTRAL_ADJECTIVES)
 
 
 def _licensed_in_clause(licensor: str | None, n_before: int) -> bool:
@@ -527,6 +588,19 @@ def _licensed_in_clause(licensor: str | None, n_before: int) -> bool:
     return n_before == 1 if licensor == "and" else n_before == 0
 
 
+def _is_verb(ws: Sequence[str], i: int) -> bool:
+    """``ws[i]`` is a clause's verb (``FINITE_VERBS``, or "felt" unless in the opener "i felt that")."""
+    return ws[i] in FINITE_VERBS or (ws[i] == "felt" and ws[i + 1 : i + 2] != ["that"])
+
+
+def _is_bare_noun(ws: Sequence[str], i: int) -> bool:
+    """``ws[i]`` is a noun after an adjective whose phrase has no article ("the plot was dark story")."""
+    if WORD_CLASSES.get(ws[i]) != "N" or i == 0 or WORD_CLASSES.get(ws[i - 1]) != "ADJ":
+        return False
+    j = _skip_modifiers(ws, i - 2, -1)
+    return j < 0 or ws[j] not in ("a", "an")
+
+
 def _clause_verdict(contribs: Sequence[float]) -> float:
     """``tanh(sum_k c_(k) * WORD_DECAY ** (k - 1))`` over the contributions sorted by magnitude."""
     ordered = sorted(contribs, key=abs, reverse=True)
@@ -534,15 +608,28 @@ def _clause_verdict(contribs: Sequence[float]) -> float:
 
 
 class _Clauses:
-    """Accumulates the contributions of each clause and their ``w``-weighted mean verdict."""
+    """Accumulates the contributions of each clause and their ``w``-weighted mean verdict, and counts the
+    *run-on* joins (connectives beyond the first in one sentence: the grammar joins at most two clauses)
+    and the verbs beyond one in a clause (``FINITE_VERBS``: "we loved the film is great")."""
 
     def __init__(self) -> None:
         self.weight, self.contribs, self.done = 1.0, [], []
+        self.joins, self.run_on, self.verbs, self.extra_verbs = 0, 0, 0, 0
 
-    def close(self, next_weight: float = 1.0) -> None:
+    def verb(self) -> None:
+        self.verbs += 1
+        self.extra_verbs += self.verbs > 1
+
+    def close(self, boundary: str = ".") -> None:
+        """Ends the current clause at ``boundary`` (a word of ``BOUNDARIES``)."""
         if self.contribs:
             self.done.append((self.weight, _clause_verdict(self.contribs)))
-        self.weight, self.contribs = next_weight, []
+        self.weight, self.contribs, self.verbs = CLAUSE_WEIGHTS.get(boundary, 1.0), [], 0
+        if boundary in CONNECTIVES:
+            self.joins += 1
+            self.run_on += self.joins > 1
+        elif boundary == ".":
+            self.joins = 0
 
     def mean(self) -> float:
         total = sum(w for w, _ in self.done)
@@ -553,16 +640,22 @@ def gold_details(text: str) -> dict[str, float]:
     """The parts of ``gold_score(text)`` (module docstring): ``verdict`` (weighted mean clause verdict
     in [-1, 1]), ``penalty``, ``logit``, ``score``, and the counts ``n_sentiment`` (counted sentiment
     words), ``n_clauses`` (clauses with one), ``n_unlicensed``, ``n_stacked`` (intensifiers beyond one
-    per sentiment word), ``n_unk``, ``n_bigrams_off_grammar``, ``n_words``, ``repeat_frac``."""
+    per sentiment word), ``n_unk``, ``n_bigrams_off_grammar``, ``n_trigrams_off_grammar`` (class
+    trigrams), ``n_run_on`` (connectives beyond the first of a sentence), ``n_extra_verbs`` (verbs beyond
+    one in a clause), ``n_bare_nouns`` (a noun after an adjective with no article: "was great film"),
+    ``n_words``, ``repeat_frac``."""
     ws = common.response_words(text)
     clauses = _Clauses()
-    unlicensed = stacked = unk = n_sent = 0
+    unlicensed = stacked = unk = n_sent = bare = 0
     mult, n_intens, neg = 1.0, 0, 1.0
     seen: dict[str, int] = {}
     for i, w in enumerate(ws):
+        if _is_verb(ws, i):
+            clauses.verb()
+        bare += _is_bare_noun(ws, i)
         if w in BOUNDARIES:
             if not (w == "and" and _coordinates(ws, i)):
-                clauses.close(CLAUSE_WEIGHTS.get(w, 1.0))
+                clauses.close(w)
             mult, n_intens, neg = 1.0, 0, 1.0
         elif w in INTENSIFIERS:
             stacked += n_intens > 0
@@ -582,13 +675,14 @@ def gold_details(text: str) -> dict[str, float]:
     clauses.close()
     grams = [tuple(ws[i : i + 3]) for i in range(len(ws) - 2)]
     repeat = (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
-    allowed = grammar_bigrams()
-    off_grammar = sum(pair not in allowed for pair in zip(ws, ws[1:], strict=False))
+    allowed, structures = grammar_bigrams(), grammar_class_trigrams()
+    off_bigrams = sum(pair not in allowed for pair in zip(ws, ws[1:], strict=False))
+    off_trigrams = sum(t not in structures for t in _class_trigrams(ws))
     penalty = (
         UNLICENSED_PENALTY * unlicensed
         + STACKED_PENALTY * stacked
         + UNK_PENALTY * unk
-        + BIGRAM_PENALTY * off_grammar
+        + OFF_GRAMMAR_PENALTY * (off_bigrams + off_trigrams + clauses.run_on + clauses.extra_verbs + bare)
         + REPEAT_PENALTY * repeat
     )
     verdict = clauses.mean()
@@ -603,7 +697,11 @@ def gold_details(text: str) -> dict[str, float]:
         "n_unlicensed": unlicensed,
         "n_stacked": stacked,
         "n_unk": unk,
-        "n_bigrams_off_grammar": off_grammar,
+        "n_bigrams_off_grammar": off_bigrams,
+        "n_trigrams_off_grammar": off_trigrams,
+        "n_run_on": clauses.run_on,
+        "n_extra_verbs": clauses.extra_verbs,
+        "n_bare_nouns": bare,
         "n_words": len(ws),
         "repeat_frac": repeat,
     }

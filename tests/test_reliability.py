@@ -1,5 +1,6 @@
 """Fail-safe behaviour under bad input and faults (docs/reliability.md): config validation, path
-errors, the pickle refusal, checkpoint fingerprints, restore fallback and failed saves."""
+errors, the pickle refusal, checkpoint fingerprints, restore fallback, failed saves, the loss guard
+and the lost-peer watch (the two-process runs are in tests/test_multiprocess_faults.py)."""
 
 import glob
 import importlib.util
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxrlhf import config_validation as cv
@@ -619,3 +621,231 @@ def test_disk_full_on_a_side_write_raises_and_keeps_earlier(tmp_path, monkeypatc
     monkeypatch.undo()
     assert checkpoint.step_dirs(directory) == [1, 2]
     assert_restored(restore_fresh(tmp_path)[0], 2)
+
+
+# ==============================================================================================
+# The divergence guard on the loss (jaxrlhf/trainer/guard.py).
+# ==============================================================================================
+def _linear_run(batches, **guard):
+    """Adam on ``w [4]`` with the loss ``mean((x @ w - y)^2) - 5`` (negative once fitted, as PPO's
+    can be) over ``batches``; returns the final state and each step's metrics."""
+    from jaxrlhf.trainer import guard as guard_lib
+    from jaxrlhf.trainer import state as state_lib
+    from jaxrlhf.trainer.step import make_train_step
+
+    tx = optax.adam(0.05)
+
+    def loss_fn(params, ref_params, batch, denoms, rng):
+        del ref_params, denoms, rng
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2) - 5.0 + batch["shift"], {}
+
+    kwargs = {f"guard_{k}": v for k, v in guard.items()}
+    step = jax.jit(make_train_step(loss_fn, lambda b: {}, tx, **kwargs))
+    st = state_lib.create({"w": jnp.zeros(4, jnp.float32)}, tx, rng=jax.random.key(0))
+    st = st.replace(guard=guard_lib.init_stats(guard_lib.Guard(**guard)) if guard else None)
+    history = []
+    for b in batches:
+        st, m = step(st, b)
+        history.append(jax.device_get(m))
+    return st, history
+
+
+def _batches(n, spike_at, shift):
+    rng = np.random.default_rng(0)
+    w_true = np.array([0.1, -0.2, 0.05, 0.3], np.float32)
+    out = []
+    for i in range(n):
+        x = rng.normal(size=(64, 4)).astype(np.float32)
+        y = x @ w_true + 0.1 * rng.normal(size=64).astype(np.float32)
+        out.append({"x": x, "y": y, "shift": np.float32(shift if i == spike_at else 0.0)})
+    return out
+
+
+def _numpy_loss_verdicts(losses, applied_mask, factor, warmup, decay):
+    """The loss criterion replayed in numpy over the logged losses: ``|L - m| > factor * max(d, 1e-6 |m|)``
+    after ``warmup`` applied steps; ``m``, ``d`` EMAs of the applied losses and their deviations."""
+    m = d = 0.0
+    count, verdicts = 0, []
+    for loss, _ in zip(losses, applied_mask, strict=True):
+        spike = count >= warmup and abs(loss - m) > factor * max(d, 1e-6 * abs(m))
+        verdicts.append(spike)
+        if not spike:
+            dev = abs(loss - m) if count > 0 else 0.0
+            d = dev if count <= 1 else decay * d + (1 - decay) * dev
+            m = loss if count == 0 else decay * m + (1 - decay) * loss
+            count += 1
+    return verdicts, m, d, count
+
+
+@pytest.mark.parametrize("shift", [40.0, -40.0])
+def test_loss_guard_skips_a_loss_spike_like_a_batch_never_applied(shift):
+    """A loss spike (the loss shifted by a constant at step 6: the gradient is unchanged, so only
+    the loss criterion can see it) is skipped: the final parameters and optimizer state equal a
+    run without the guard in which that batch never came; the verdicts equal a numpy replay."""
+    spike_at, guard = 6, dict(factor=0.0, warmup=3, decay=0.8, loss_factor=6.0)
+    batches = _batches(12, spike_at, shift)
+    guarded, history = _linear_run(batches, **guard)
+    never, _ = _linear_run(batches[:spike_at] + batches[spike_at + 1 :])
+    for a, b in zip(
+        jax.tree.leaves((guarded.params, guarded.opt_state)),
+        jax.tree.leaves((never.params, never.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert int(guarded.skipped) == 1 and int(guarded.consecutive_skips) == 0
+    flagged = [int(h["guard_loss_spike"]) for h in history]
+    assert flagged == [int(i == spike_at) for i in range(12)]
+    assert [int(h["guard_spike"]) for h in history] == flagged
+    losses = [float(h["loss"]) for h in history]
+    assert min(losses) < 0  # the criterion works on negative losses
+    verdicts, m, d, count = _numpy_loss_verdicts(losses, flagged, 6.0, 3, 0.8)
+    assert [int(v) for v in verdicts] == flagged
+    np.testing.assert_allclose(float(guarded.guard["loss"]), m, rtol=1e-5)
+    np.testing.assert_allclose(float(guarded.guard["loss_dev"]), d, rtol=1e-5)
+    assert float(guarded.guard["count"]) == count == 11
+
+
+def test_loss_guard_off_by_default_adds_no_state():
+    from jaxrlhf import config_defaults
+    from jaxrlhf.trainer import guard as guard_lib
+
+    g = guard_lib.Guard.from_config(config_defaults.base("sft").guard)
+    assert not g.enabled and guard_lib.init_stats(g) is None
+    assert sorted(guard_lib.init_stats(guard_lib.Guard(factor=2.0))) == ["count", "grad_norm"]  # as before
+    old = ml_collections.ConfigDict(
+        dict(factor=2.0, warmup=10, decay=0.9)
+    )  # a config from before loss_factor
+    assert guard_lib.Guard.from_config(old).loss_factor == 0.0
+
+
+def test_a_config_json_without_new_guard_keys_still_resumes(tmp_path):
+    """A run saved before guard.loss_factor existed (its config.json lacks the key) resumes."""
+    import json
+
+    from jaxrlhf import config_defaults, config_utils
+    from jaxrlhf.trainer import harness
+
+    c = config_defaults.base("sft")
+    saved = json.loads(config_utils.to_json(c))
+    del saved["guard"]["loss_factor"]
+    del saved["distributed"]
+    assert config_utils.incompatible_keys(saved, c)  # without the harness's filling it would refuse
+    assert (
+        config_utils.incompatible_keys(harness._with_added_keys(saved), c, harness.COMMON_RESUMABLE_KEYS)
+        == []
+    )
+
+
+def test_loss_guard_stops_a_run_on_a_loss_spike_naming_step_values_and_checkpoint(tmp_path, monkeypatch):
+    """The SFT loss shifted by +100 at step 5 (its gradient unchanged: the gradient-norm guard is off
+    and could not see it anyway): with the loss guard on and max_consecutive_skips=1 the run stops
+    naming step 5 and the values, and the newest checkpoint is step 4's."""
+    import dataclasses
+
+    from jaxrlhf import registry
+    from jaxrlhf.trainer import harness
+
+    monkeypatch.chdir(ROOT)
+    sft = registry.get("sft")
+
+    def shifted_build(config, graphdef):
+        loss_fn, den = sft.build_loss(config, graphdef)
+
+        def shifted(params, ref_params, batch, denoms, rng):
+            loss, metrics = loss_fn(params, ref_params, batch, denoms, rng)
+            return loss + jnp.where(denoms["step"] == 4, 100.0, 0.0), metrics  # state.step 4 = step 5
+
+        return shifted, den
+
+    monkeypatch.setitem(registry.REGISTRY, "sft", dataclasses.replace(sft, build_loss=shifted_build))
+    spec = importlib.util.spec_from_file_location("tiny_sft", os.path.join(ROOT, "configs/tiny/sft.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    with c.unlocked():
+        c.total_steps, c.log_every, c.max_consecutive_skips = 8, 1, 1
+        c.checkpoint.every, c.checkpoint.async_save = 1, False
+        c.guard = dict(factor=0.0, warmup=3, decay=0.9, loss_factor=100.0)
+    with pytest.raises(harness.TooManySkips) as err:
+        registry.run(c, str(tmp_path / "spike"))
+    text = str(err.value)
+    assert "sft step 5: 1 consecutive steps" in text
+    loss = float(re.search(r"loss=([-\d.e+]+)", text).group(1))
+    assert 100 < loss < 110  # the shifted loss, as logged
+    assert "guard_loss_spike=1" in text and "loss mean" in text and "newest: step 4" in text
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "spike" / "checkpoints") if d.isdigit())
+    assert steps[-1] == 4
+
+
+# ==============================================================================================
+# A lost peer process (jaxrlhf/distributed.py; the two-process runs: tests/test_multiprocess_faults.py).
+# ==============================================================================================
+class _Store:
+    """JAX's key-value client as PeerWatch uses it, in a dict; ``down`` makes every call fail."""
+
+    def __init__(self):
+        self.kv, self.down = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: Socket closed")
+        assert allow_overwrite or key not in self.kv
+        self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: Socket closed")
+        return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def test_peer_watch_verdicts_at_given_times():
+    """``_check`` on explicit store contents and clock values: a moving beat is alive, a beat
+    unchanged for longer than the timeout is a lost peer, ``finished`` stops the watch on it,
+    ``failed: ...`` is reported with the peer's error."""
+    from jaxrlhf import distributed
+
+    w = distributed.PeerWatch(_Store(), 0, 3, timeout=10.0, on_lost=None)
+    key = lambda p: f"jaxrlhf/alive/{p}"  # noqa: E731
+    seen = {1: (None, 0.0), 2: (None, 0.0)}
+    assert w._check({key(1): "1", key(2): "1"}, seen, 1.0) is None
+    assert w._check({key(1): "2", key(2): "1"}, seen, 10.5) is None  # 2's beat is 9.5 s old
+    cause = w._check({key(1): "3", key(2): "1"}, seen, 11.5)  # 10.5 s
+    assert cause.startswith("process 2 sent no heartbeat for 10 s") and "killed" in cause
+    seen = {1: (None, 0.0)}
+    assert w._check({key(1): "finished"}, seen, 5.0) is None and seen == {}
+    assert w._check({}, seen, 100.0) is None  # a finished peer is no longer watched
+    w.timeout = 0.01  # the grace before reporting a failed peer is min(5 s, timeout)
+    cause = w._check({key(1): "failed: TooManySkips: step 5"}, {1: (None, 0.0)}, 1.0)
+    assert cause == "process 1 failed: TooManySkips: step 5"
+
+
+def test_peer_watch_reports_a_silent_store_and_the_message_says_how_to_resume():
+    """The store stops answering (process 0, which runs it, is gone): after the timeout the watch
+    reports it; the message names the cause, the exit code and the checkpoint a rerun resumes from."""
+    import threading
+    import time
+
+    from jaxrlhf import distributed
+
+    store, lost = _Store(), []
+    got = threading.Event()
+    w = distributed.PeerWatch(store, 1, 2, timeout=0.5, on_lost=lambda c: (lost.append(c), got.set()))
+    w.start()
+    time.sleep(0.3)
+    assert store.kv["jaxrlhf/alive/1"] != "" and not lost  # beating
+    store.kv["jaxrlhf/alive/0"] = "finished"  # process 0 ended normally: not a lost peer
+    store.down = True
+    assert got.wait(30), "the watch never reported the silent store"
+    assert lost[0].startswith("the coordination service stopped answering for 0.5 s")
+    distributed.note_checkpoint("/runs/x", 4)
+    text = distributed.runtime_failed_message(lost[0])
+    assert "the distributed runtime failed: the coordination service stopped answering" in text
+    assert f"exit {distributed.PEER_LOST_EXIT_CODE}" in text
+    assert "Rerun the same command on every process: the run resumes from the last checkpoint in " in text
+    assert "/runs/x (step 4)." in text
+    distributed.note_checkpoint(None, None)
+    w2 = distributed.PeerWatch(_Store(), 0, 2, timeout=0.5, on_lost=lost.append)
+    w2.start()
+    w2.finish()  # a normal end: the thread stops, the store says finished, nothing is reported
+    w2.join(5)
+    assert not w2.is_alive() and w2.client.kv["jaxrlhf/alive/0"] == "finished" and len(lost) == 1

@@ -21,11 +21,13 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from jaxrlhf import config_utils, config_validation, distributed
 from jaxrlhf import lora as lora_lib
 from jaxrlhf.trainer import checkpoint
+from jaxrlhf.trainer.guard import describe as describe_guard
 from jaxrlhf.trainer.logger import Logger, quiet_libraries
 from jaxrlhf.trainer.setup import export_hf, export_lora
 
@@ -38,7 +40,13 @@ COMMON_RESUMABLE_KEYS = (
     "progress_bar",
     "max_consecutive_skips",
     "compilation_cache_dir",
+    "distributed.",
+    "data.prefetch",  # how far ahead batches are prepared, never which batches
 )
+
+# Keys added after runs were saved, with the value that means the behaviour those runs had: a
+# ``config.json`` that lacks one compares as if it held that value (old checkpoints stay resumable).
+ADDED_KEYS = {"guard.loss_factor": 0.0, "data.packed_row_buckets": 0}
 
 
 class TooManySkips(RuntimeError):
@@ -64,6 +72,7 @@ class Run:
         self.stop = None
         self.log_ = None
         self.result: dict[str, Any] = {"interrupted": False, "history": [], "step": 0}
+        self._last_logged: tuple[int, dict] | None = None  # (i, metrics) of the last log()
         self.lora_base: dict | None = None  # a LoRA run's base model record, saved in every checkpoint
 
     # ------------------------------------------------------------------ start
@@ -95,6 +104,7 @@ class Run:
                 lora_lib.check_base(base, self.lora_base, f"{self.workdir} step {start}")
             side = {**side, **saved}
         state = state.replace(frozen=frozen)
+        distributed.note_checkpoint(self.workdir, start if restored is not None else None)
         self._write_config()
         self.stop = checkpoint.StopSignal()
         self.log_ = Logger(self.workdir, self.total, start, progress_bar=self.config.progress_bar)
@@ -111,7 +121,7 @@ class Run:
         if not os.path.exists(path):
             return
         with open(path) as f:
-            saved = json.load(f)
+            saved = _with_added_keys(json.load(f))
         bad = config_utils.incompatible_keys(saved, config_utils.unwrap(self.config), self._resumable())
         if bad and not refuse:
             logging.info("no checkpoint in %s; config changed since its config.json: %s", self.workdir, bad)
@@ -133,21 +143,35 @@ class Run:
         return self.log_
 
     def check_skips(self, state, i: int) -> None:
-        """Stops the run when the last ``max_consecutive_skips`` updates were all non-finite."""
+        """Stops the run when the last ``max_consecutive_skips`` updates were all skipped (a
+        non-finite loss or gradient, or a divergence-guard spike), naming the step, the last logged
+        values, the guard's statistics and what to try."""
         consecutive = int(jax.device_get(state.consecutive_skips))
-        if consecutive >= self.config.max_consecutive_skips:
-            raise TooManySkips(
-                f"{self.algorithm.name} {self.unit} {i}: {consecutive} consecutive steps had a non-finite "
-                "loss or gradient (or, with config.guard.factor > 0, a gradient-norm spike); stopping "
-                "without applying any of them. Lower optim.lr, check the data, or use float32 compute "
-                "(model.dtype)."
-            )
+        if consecutive < self.config.max_consecutive_skips:
+            return
+        keys = ("loss", "grad_norm", "guard_spike", "guard_loss_spike", "skipped")
+        logged = ""
+        if self._last_logged is not None:
+            step, m = self._last_logged
+            shown = ", ".join(f"{k}={float(m[k]):.4g}" for k in keys if k in m and np.ndim(m[k]) == 0)
+            logged = f" Last logged ({self.unit} {step}, mean over the logging window): {shown}."
+        newest = self.manager.latest_step()
+        newest = "none" if newest is None else f"{self.unit} {newest}"
+        raise TooManySkips(
+            f"{self.algorithm.name} {self.unit} {i}: {consecutive} consecutive steps had a non-finite "
+            "loss or gradient, or a divergence-guard spike (config.guard); stopping without applying "
+            f"any of them.{logged} {describe_guard(state.guard)}. No checkpoint was written during "
+            f"the streak (newest: {newest}). Try: lower optim.lr, check the data, use float32 compute "
+            "(model.dtype); if the spikes are legitimate changes, raise config.guard.factor / "
+            "config.guard.loss_factor (0 turns each off) or config.max_consecutive_skips."
+        )
 
     def log(self, i: int, metrics: dict, *, console: bool | None = None) -> dict:
         """Writes ``metrics`` (tensorboard, console) and keeps them in ``result["history"]``."""
         if console is None:
             console = i % self.config.log_every == 0 or i == self.total
         metrics = self.log_.write(i, metrics, console=console)
+        self._last_logged = (i, metrics)
         self.result["history"].append(metrics)
         self.result["metrics"] = metrics
         return metrics
@@ -171,6 +195,7 @@ class Run:
             if self.lora_base is not None:
                 state, side = state.replace(frozen=None), {**side, "lora_base": self.lora_base}
             checkpoint.save(self.manager, i, state, side, force=True)
+            distributed.note_checkpoint(self.workdir, i)
         if stop:
             self.result["interrupted"] = True
         return stop
@@ -197,6 +222,18 @@ class Run:
             self.result["peft_dir"] = out.get("peft")
 
 
+def _with_added_keys(saved: dict) -> dict:
+    """``saved`` (a ``config.json``) with each absent ``ADDED_KEYS`` entry set to its old-behaviour value."""
+    for key, value in ADDED_KEYS.items():
+        *parents, leaf = key.split(".")
+        node = saved
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return saved
+
+
 def enable_compilation_cache(path: str) -> None:
     """JAX's persistent compilation cache in ``path`` (``config.compilation_cache_dir``; "" = off):
     a rerun or a resume of the same config loads its compiled steps instead of compiling them."""
@@ -211,9 +248,10 @@ def enable_compilation_cache(path: str) -> None:
 
 def start(config, algorithm) -> None:
     """What every driver does first, before anything is written: ``jax.distributed`` from the
-    environment, quiet library logs, renamed keys, every numeric key's range and type
-    (``config_validation``), local paths, then the algorithm's own validation."""
-    distributed.maybe_initialize()
+    environment (a lost peer process then stops this one with a clear error, ``distributed``),
+    quiet library logs, renamed keys, every numeric key's range and type (``config_validation``),
+    local paths, then the algorithm's own validation."""
+    distributed.maybe_initialize(config.distributed.heartbeat_timeout_s)
     quiet_libraries()
     enable_compilation_cache(config.compilation_cache_dir)
     check_renamed_keys(config, algorithm)

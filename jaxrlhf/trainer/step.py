@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf import losses
+from jaxrlhf.trainer.guard import Guard, spikes, update_stats
 from jaxrlhf.trainer.state import TrainState
 
 LossFn = Callable[[Any, Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
@@ -72,20 +73,6 @@ def accumulate_gradients(loss_fn: LossFn, params, ref_params, batch, denoms, rng
     return loss, metrics, grads
 
 
-def guard_spike(stats, grad_norm: jax.Array, factor: float, warmup: int) -> jax.Array:
-    """The divergence guard's verdict: after ``warmup`` applied updates, a gradient norm above
-    ``factor`` times its running mean (``stats``); always False when ``factor`` is 0."""
-    if factor <= 0:
-        return jnp.zeros((), bool)
-    return (stats["count"] >= warmup) & (grad_norm > factor * stats["grad_norm"])
-
-
-def guard_stats(stats, grad_norm: jax.Array, decay: float):
-    """The guard's running statistics after an applied update: count + 1, EMA of the norm."""
-    mean = jnp.where(stats["count"] > 0, decay * stats["grad_norm"] + (1 - decay) * grad_norm, grad_norm)
-    return {"count": stats["count"] + 1, "grad_norm": mean}
-
-
 def follow(ref_params, followed, applied: jax.Array, step: jax.Array, ema_decay: float, reset_every: int):
     """The reference after a step: an EMA of ``followed`` (``ema_decay`` < 1) when the update was
     applied, and reset to it every ``reset_every`` steps (> 0)."""
@@ -111,6 +98,7 @@ def make_train_step(
     guard_factor: float = 0.0,
     guard_warmup: int = 10,
     guard_decay: float = 0.9,
+    guard_loss_factor: float = 0.0,
 ):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with shardings and donation.
 
@@ -125,12 +113,15 @@ def make_train_step(
     state has a frozen part (LoRA: the base with the adapters merged in, ``jaxrlhf.lora``);
     gradients, the optimizer and the reference then cover the trainable ``params`` only.
 
-    Divergence guard (``guard_factor > 0``, the state then has ``guard`` statistics): once
-    ``guard_warmup`` updates have been applied, a step whose gradient norm exceeds ``guard_factor``
-    times the running mean of the applied steps' gradient norms (EMA, ``guard_decay``) is skipped
-    like a non-finite one (state untouched, counted in ``skipped`` / ``consecutive_skips``,
-    ``guard_spike`` logged).
+    Divergence guard (``jaxrlhf.trainer.guard``; ``guard_factor > 0`` or ``guard_loss_factor > 0``,
+    the state then has ``guard`` statistics, ``guard.init_stats``): once ``guard_warmup`` updates
+    have been applied, a step whose gradient norm exceeds ``guard_factor`` times the running mean of
+    the applied steps' gradient norms, or whose loss deviates from their running mean by more than
+    ``guard_loss_factor`` times their running mean absolute deviation (EMAs, ``guard_decay``), is
+    skipped like a non-finite one (state untouched, counted in ``skipped`` / ``consecutive_skips``,
+    ``guard_spike`` logged; ``guard_loss_spike`` too with the loss criterion on).
     """
+    guard = Guard(guard_factor, guard_warmup, guard_decay, guard_loss_factor)
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
@@ -153,7 +144,8 @@ def make_train_step(
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & tree_all_finite(grads)
-        spike = guard_spike(state.guard, grad_norm, guard_factor, guard_warmup)
+        grad_spike, loss_spike = spikes(state.guard, grad_norm, loss, guard)
+        spike = grad_spike | loss_spike
         finite = finite & ~spike
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -164,11 +156,11 @@ def make_train_step(
         if ref_params is not None:
             ref_params = follow(ref_params, ref_of(params), finite, state.step, ema_decay, ref_reset_every)
         skipped = (~finite).astype(jnp.int32)
-        guard = state.guard
-        if guard_factor > 0:
-            guard = keep(guard_stats(guard, grad_norm, guard_decay), guard)
+        stats = state.guard
+        if guard.enabled:
+            stats = keep(update_stats(stats, grad_norm, loss, guard.decay), stats)
         new_state = state.replace(
-            guard=guard,
+            guard=stats,
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
@@ -185,6 +177,8 @@ def make_train_step(
             param_norm=optax.global_norm(params),
             skipped=skipped,
         )
+        if guard.loss_factor > 0:
+            metrics["guard_loss_spike"] = loss_spike.astype(jnp.int32)
         return new_state, metrics
 
     return step

@@ -17,7 +17,9 @@ The plan of an epoch (shuffle from ``seed + epoch``):
 - ``packing``, preference pairs: batches are planned as without packing (``global_batch_size``
   pairs, plain or bucketed), then the ``2 B`` sequences of each batch are packed into rows of
   ``max_length`` (``PreferenceDataset.collate_packed``): the same pairs per step, far less padding;
-  the row count varies from batch to batch (one compile per row count).
+  the row count is rounded up to one of ``packed_row_buckets`` fixed counts
+  (``jaxrlhf.data.packing.row_buckets``; empty rows pad), so a run compiles at most that many
+  shapes instead of one per distinct row count.
 
 The rows that do not fill a last global batch are left out of that epoch (``drop_remainder``; the
 next epoch reshuffles) unless ``drop_remainder=False``, which fills the last batch with
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxrlhf.data.packing import pack_first_fit
+from jaxrlhf.data.packing import bucket_rows, pack_first_fit, pad_packed_rows, row_buckets
 from jaxrlhf.data.sources import option
 from jaxrlhf.data.tokenize import PromptDataset, SFTDataset, TokenizedDataset
 
@@ -66,6 +68,9 @@ class BatchIterator:
         (each is packed on its own, so no pair spans two micro-batches).
       row_multiple: packed preference batches: the row count is a multiple of this (the mesh's
         batch-axis size) and of ``process_count``.
+      packed_row_buckets: packed preference batches: the row count is rounded up to one of this
+        many evenly spaced counts (``row_buckets``; ``config.data.packed_row_buckets``); 0: the
+        exact count each batch needs (one compile per distinct count).
       repeat: loop over epochs forever; ``False`` stops after one epoch (evaluation).
       drop_remainder: leave out the rows of a last partial batch (else pad it with empty rows).
 
@@ -95,6 +100,7 @@ class BatchIterator:
         drop_remainder: bool = True,
         micro_batches: int = 1,
         row_multiple: int = 1,
+        packed_row_buckets: int = 4,
     ):
         given = dict(seed=seed, shuffle=shuffle, bucket=bucket, packing=packing)
         fallback = dict(seed=0, shuffle=True, bucket=False, packing=False)
@@ -140,6 +146,8 @@ class BatchIterator:
         self.row_multiple = int(np.lcm(max(1, int(row_multiple)), self.process_count))
         if self.pack_pairs and B % self.micro_batches:
             raise ValueError(f"global_batch_size={B} not divisible by micro_batches={self.micro_batches}")
+        unit = int(np.lcm(self.micro_batches, self.row_multiple))
+        self.row_buckets = row_buckets(2 * B, unit, int(packed_row_buckets)) if self.pack_pairs else []
         self.bucket_window = int(bucket_window)
         self.repeat, self.drop_remainder = bool(repeat), bool(drop_remainder)
         self.max_len = dataset.max_prompt_length if isinstance(dataset, PromptDataset) else dataset.max_length
@@ -156,8 +164,9 @@ class BatchIterator:
 
     @classmethod
     def from_config(cls, dataset, data_cfg, global_batch_size: int, **kwargs) -> BatchIterator:
-        """Reads ``seed``, ``shuffle``, ``bucket`` and ``packing`` from ``config.data``."""
-        kw = {k: option(data_cfg, k) for k in ("seed", "shuffle", "bucket", "packing")}
+        """Reads ``seed``, ``shuffle``, ``bucket``, ``packing`` and ``packed_row_buckets`` from
+        ``config.data``."""
+        kw = {k: option(data_cfg, k) for k in ("seed", "shuffle", "bucket", "packing", "packed_row_buckets")}
         kw.update(kwargs)
         return cls(dataset, global_batch_size, **kw)
 
@@ -274,6 +283,8 @@ class BatchIterator:
         local = units[lo : lo + self.local_batch_size]
         if self.pack_pairs:  # packed over the global batch, then this process's rows and pairs
             out = self.dataset.collate_packed(units, T, self.pad_id, self.micro_batches, self.row_multiple)
+            rows = bucket_rows(out["input_ids"].shape[0], self.row_buckets)
+            out = pad_packed_rows(out, rows, self.micro_batches, self.pad_id)
             rows = out["input_ids"].shape[0] // self.process_count
             self.last_padding_fraction = 1.0 - out["attention_mask"].sum() / float(out["attention_mask"].size)
             self.last_num_rows = sum(1 for i in local if i >= 0)

@@ -2,11 +2,13 @@
 ``build_loss`` and ``data_kind`` "sft" or "preference").
 
 Read top to bottom: start -> mesh -> data -> setup (model, loss, optimizer, state, jitted step) ->
-resume -> loop (step, log, evaluate, checkpoint) -> export.
+resume -> loop (step, log, evaluate, checkpoint) -> export. The loop's batches are prepared
+``config.data.prefetch`` steps ahead in a background thread (``jaxrlhf.data.prefetch``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -14,9 +16,12 @@ import numpy as np
 
 from jaxrlhf import data as data_lib
 from jaxrlhf.analysis import gradients
+from jaxrlhf.data.prefetch import Prefetcher
+from jaxrlhf.data.sources import option
 from jaxrlhf.sharding import activation_mesh, make_mesh, replicated, shard_batch
 from jaxrlhf.trainer import harness, setup
 from jaxrlhf.trainer.logger import mean_metrics
+from jaxrlhf.trainer.perf import StepClock
 
 
 def batch_token_counts(batch: dict) -> tuple[float, float]:
@@ -65,35 +70,67 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
             check_side=lambda s: train_it.set_state(s["data"]),
         )
         train_it.set_state(side["data"])
-        history: list[dict] = []
-        for step in range(start + 1, config.total_steps + 1):
-            host_batch = next(train_it)
-            batch = shard_batch(mesh, host_batch)
-            if probe is not None and step % every == 0:  # the gradient at the state this step updates
-                run_.log_analysis(step, probe(state, batch))
-            state, metrics = t.step(state, batch)
-            history.append(metrics)
-            run_.logger.count_tokens(*batch_token_counts(host_batch))
-            if step % config.log_every == 0 or step == config.total_steps:
-                host = mean_metrics(history)
-                history = []
-                applied = int(jax.device_get(state.step)) - int(jax.device_get(state.skipped))
-                host["lr"] = float(t.schedule(applied))
-                host["data/padding_fraction"] = train_it.last_padding_fraction
-                host["skipped_total"] = float(jax.device_get(state.skipped))
-                host["perf/compiles"], host["perf/compile_s"] = float(t.step.compiles), t.step.compile_s
-                run_.log(step, host, console=True)
-                run_.check_skips(state, step)
-            if eval_step is not None and eval_every > 0 and step % eval_every == 0:
-                run_.result["eval"] = run_eval(
-                    eval_step, state, eval_ds, config.batch_size, eval_batches, mesh
-                )
-                run_.logger.write_prefixed(step, "eval", run_.result["eval"])
-            if run_.end_iteration(step, state, {"data": train_it.get_state()}):
-                break
+        evaluate = None
+        if eval_step is not None and eval_every > 0:
+
+            def evaluate(st):
+                return run_eval(eval_step, st, eval_ds, config.batch_size, eval_batches, mesh)
+
+        place, depth = functools.partial(shard_batch, mesh), int(option(config.data, "prefetch"))
+        with Prefetcher(train_it, place, depth, first_step=start + 1) as batches:
+            state = train_loop(config, run_, t, batches, start, state, evaluate, (every, probe))
     run_.result.update(memory=t.step.memory, state=state, graphdef=t.graphdef, model_config=t.model_config)
     run_.export(t.graphdef, state.params, state.frozen)
     return run_.result
+
+
+def train_loop(config, run_, t, batches, start: int, state, evaluate, probe_at):
+    """Steps ``start + 1 .. config.total_steps`` on the prepared batches (a ``Prefetcher``); logs
+    every ``config.log_every`` steps, evaluates every ``config.eval_every`` (``evaluate(state)``),
+    checkpoints with the iterator state of the last batch consumed. Returns the last state.
+
+    The loop never waits for the device except at a logging point (one ``device_get`` of the
+    window's metrics) and where a checkpoint, evaluation or probe needs values.
+    """
+    every, probe = probe_at
+    clock = StepClock()
+    history: list[dict] = []
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            item = next(batches)
+            if probe is not None and step % every == 0:  # the gradient at the state this step updates
+                run_.log_analysis(step, probe(state, item.batch))
+            state, metrics = t.step(state, item.batch)
+            clock.dispatched(next(iter(metrics.values())))
+            history.append(metrics)
+            run_.logger.count_tokens(*batch_token_counts(item.host))
+            if step % config.log_every == 0 or step == config.total_steps:
+                log_window(run_, t, step, state, history, item, clock, batches)
+                history = []
+            if evaluate is not None and step % config.eval_every == 0:
+                run_.result["eval"] = evaluate(state)
+                run_.logger.write_prefixed(step, "eval", run_.result["eval"])
+            if run_.end_iteration(step, state, {"data": item.state}):
+                break
+    finally:
+        clock.close()
+    return state
+
+
+def log_window(run_, t, step: int, state, history: list, item, clock, batches) -> None:
+    """One logging point: the window's mean metrics, learning rate, padding, compiles and
+    ``perf/host_fraction`` (``jaxrlhf.trainer.perf``); ``perf/data_wait_s``: seconds the loop
+    waited for prepared batches in the window."""
+    host = mean_metrics(history)  # the one device sync of the window
+    applied = int(jax.device_get(state.step)) - int(jax.device_get(state.skipped))
+    host["lr"] = float(t.schedule(applied))
+    host["data/padding_fraction"] = item.padding_fraction
+    host["skipped_total"] = float(jax.device_get(state.skipped))
+    host["perf/compiles"], host["perf/compile_s"] = float(t.step.compiles), t.step.compile_s
+    host["perf/host_fraction"] = clock.host_fraction()
+    host["perf/data_wait_s"], batches.wait_s = batches.wait_s, 0.0
+    run_.log(step, host, console=True)
+    run_.check_skips(state, step)
 
 
 def logging_mesh(mesh) -> None:

@@ -5,6 +5,11 @@
     python -m jaxrlhf.bench.compare --task dpo --rounds 3 --steps 10
     python -m jaxrlhf.bench.compare --task reward --rounds 3 --steps 10
     python -m jaxrlhf.bench.compare --task dpo --frameworks trl,tunix   # peers only
+    python -m jaxrlhf.bench.compare --mode cli --task dpo,reward --vocab v2k,qwen --steps 200
+
+``--mode cli`` measures the user's path instead (``python -m jaxrlhf.train`` in a fresh process vs
+TRL's trainers, start-up and compiles included): :mod:`jaxrlhf.bench.cli`, which takes the other
+arguments. The default ``--mode step`` times the jitted step alone, as below.
 
 Writes the shared workload once (:mod:`jaxrlhf.bench.workload`), then runs each framework's runner
 as a subprocess, in alternation (ours, TRL, Tunix, ours, TRL, Tunix, ...) for ``--rounds`` rounds so
@@ -194,7 +199,15 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> dict[str, Any]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=("step", "cli"), default="step")
+    mode, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if mode.mode == "cli":  # the user's path: python -m jaxrlhf.train vs TRL (jaxrlhf.bench.cli)
+        from jaxrlhf.bench import cli
+
+        return cli.main(rest)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=("step", "cli"), default="step", help="cli: see jaxrlhf.bench.cli")
     ap.add_argument("--task", choices=results.TASKS, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default: the workload's)")

@@ -105,7 +105,7 @@ def run(
     t_prev = time.perf_counter()
     for i in range(warmup + steps):
         host = next(it)
-        expected = wl.real_tokens(wl.step_rows(rows, w, i), task)
+        expected = wl.real_tokens(wl.step_rows(rows, w, i), task, w.bos)
         got = int(sum(v.sum() for k, v in host.items() if k.endswith("attention_mask")))
         if got != expected:
             raise RuntimeError(f"step {i}: our batch has {got} real tokens, the workload says {expected}")

@@ -73,7 +73,18 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run(task: str, workdir: str, *, steps: int | None, warmup: int | None, bf16: bool, threads: int) -> dict:
+def run(
+    task: str,
+    workdir: str,
+    *,
+    steps: int | None,
+    warmup: int | None,
+    bf16: bool,
+    threads: int,
+    wrap: bool = False,
+) -> dict:
+    """Trains ``warmup + steps`` steps; ``wrap``: on all the rows, epochs repeating in file order
+    (the CLI comparison's long runs), else on the first ``(warmup + steps) * batch`` rows."""
     import datasets
     import torch
     from transformers import (
@@ -88,7 +99,7 @@ def run(task: str, workdir: str, *, steps: int | None, warmup: int | None, bf16:
     steps = w.steps if steps is None else steps
     warmup = w.warmup_steps if warmup is None else warmup
     total = warmup + steps
-    n_rows = total * w.batch_size
+    n_rows = len(rows) if wrap else total * w.batch_size
     if n_rows > len(rows):
         raise ValueError(f"warmup + steps = {total} steps need {n_rows} rows; the data has {len(rows)}")
     data = datasets.Dataset.from_list(
@@ -162,7 +173,7 @@ def run(task: str, workdir: str, *, steps: int | None, warmup: int | None, bf16:
         raise RuntimeError(f"expected >= {total} collated batches, got {len(counter.counts)}")
     times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     counts = counter.counts[:total]
-    expected = [wl.real_tokens(wl.step_rows(rows, w, i), task) for i in range(total)]
+    expected = [wl.real_tokens(wl.step_rows(rows, w, i, wrap=wrap), task, w.bos) for i in range(total)]
     got = [c[0] for c in counts]
     if got != expected:
         raise RuntimeError(f"TRL trained on other tokens than the workload defines: {got} != {expected}")
@@ -197,8 +208,11 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: the workload's)")
     ap.add_argument("--bf16", action="store_true", help="TRL's bf16 autocast instead of float32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    ap.add_argument(
+        "--wrap", action="store_true", help="all rows, epochs repeating (runs longer than the data)"
+    )
     a = ap.parse_args(argv)
-    out = run(a.task, a.workdir, steps=a.steps, warmup=a.warmup, bf16=a.bf16, threads=a.threads)
+    out = run(a.task, a.workdir, steps=a.steps, warmup=a.warmup, bf16=a.bf16, threads=a.threads, wrap=a.wrap)
     results.emit(out)
 
 

@@ -5,6 +5,10 @@ into one work dir, so the work is the same by construction:
 
 - ``tokenizer/``: a deterministic word-level HF tokenizer (``tokenizer.json`` +
   ``tokenizer_config.json``); ``<pad>``=0, ``<s>``=1 (prepended on encode), ``</s>``=2, ``<unk>``=3.
+  With ``Workload.tokenizer`` set (a real tokenizer's directory, e.g. Qwen2.5's), nothing is
+  written: the runners read that directory, the model's vocabulary is that tokenizer's, and the
+  data's words are ``num_words`` of its single-token words (``" word"`` is one token), so each
+  word is still exactly one token; ``bos`` says whether that tokenizer prepends a BOS token.
 - ``model/``: a randomly initialised HF ``LlamaForCausalLM`` (``config.json`` +
   ``model.safetensors``, float32), the policy and the DPO reference.
 - ``reward_model/``: the same body as a ``LlamaForSequenceClassification`` (``score.weight`` [1, E]),
@@ -79,6 +83,10 @@ class Workload:
     # Timing protocol.
     warmup_steps: int = 3
     steps: int = 10
+    # Tokenizer: "" = the synthetic word-level one; else a real tokenizer's directory (see above).
+    tokenizer: str = ""
+    bos: bool = True  # the tokenizer prepends a BOS token (checked by prepare)
+    num_words: int = 0  # distinct data words with a real tokenizer (0: the synthetic vocabulary's)
 
     @property
     def head_dim(self) -> int:
@@ -93,7 +101,13 @@ class Workload:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; the tokenizer fields only when not their defaults (so the fingerprints of
+        the workloads defined before them did not change)."""
+        d = dataclasses.asdict(self)
+        for k, default in (("tokenizer", ""), ("bos", True), ("num_words", 0)):
+            if d[k] == default:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Workload:
@@ -147,6 +161,59 @@ DEFAULT = Workload()
 # Named workloads for `--workload NAME`. "tiny" is for plumbing tests, not for numbers.
 WORKLOADS: dict[str, Workload] = {
     "cpu": DEFAULT,
+    # The CLI comparison (`python -m jaxrlhf.bench.cli`): the model, data, batch and length of
+    # issue 19's measurement, with a 2k word-level vocabulary or the real Qwen2.5 tokenizer.
+    "cli-v2k": Workload(
+        name="cli-v2k",
+        vocab_size=2000,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        num_pairs=512,
+        min_seq_tokens=32,
+        max_length=256,
+        max_prompt_length=96,
+        max_position_embeddings=512,
+        warmup_steps=0,
+        steps=64,
+    ),
+    "cli-qwen": Workload(
+        name="cli-qwen",
+        vocab_size=151665,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        num_pairs=512,
+        min_seq_tokens=32,
+        max_length=256,
+        max_prompt_length=96,
+        max_position_embeddings=512,
+        warmup_steps=0,
+        steps=64,
+        bos=False,
+        num_words=4000,
+        tokenizer=os.path.join("..", "shared", "real", "tokenizer_qwen2_5_instruct"),
+    ),
+    "cli-tiny": Workload(
+        name="cli-tiny",
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        num_pairs=32,
+        min_seq_tokens=8,
+        max_length=48,
+        max_prompt_length=16,
+        batch_size=2,
+        warmup_steps=0,
+        steps=16,
+    ),
     "tiny": Workload(
         name="tiny",
         vocab_size=128,
@@ -217,7 +284,8 @@ def sample_lengths(w: Workload, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_rows(w: Workload, words: list[str]) -> list[dict[str, Any]]:
-    """The preference rows, deterministic in ``w.seed``. Word ids follow a Zipf-like law."""
+    """The preference rows, deterministic in ``w.seed``. Word ids follow a Zipf-like law. With a
+    real tokenizer the prompt starts with a space too (its words are the ``" word"`` tokens)."""
     rng = np.random.default_rng(w.seed)
     lengths = sample_lengths(w, rng)
     ranks = np.arange(1, len(words) + 1, dtype=np.float64)
@@ -226,7 +294,7 @@ def make_rows(w: Workload, words: list[str]) -> list[dict[str, Any]]:
     rows = []
     for i, (np_, nc, nr) in enumerate(lengths):
         ids = rng.choice(len(words), size=int(np_ + nc + nr), p=probs)
-        prompt = " ".join(words[t] for t in ids[:np_])
+        prompt = (" " if w.tokenizer else "") + " ".join(words[t] for t in ids[:np_])
         chosen = " " + " ".join(words[t] for t in ids[np_ : np_ + nc])
         rejected = " " + " ".join(words[t] for t in ids[np_ + nc :])
         rows.append(
@@ -236,8 +304,9 @@ def make_rows(w: Workload, words: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def real_tokens(rows: list[dict[str, Any]], task: str) -> int:
-    """Real (non-pad) tokens that one step over ``rows`` trains on, ``<s>``/``</s>`` included.
+def real_tokens(rows: list[dict[str, Any]], task: str, bos: bool = True) -> int:
+    """Real (non-pad) tokens that one step over ``rows`` trains on, ``<s>`` (when the tokenizer
+    prepends one, ``bos``) and ``</s>`` included.
 
     Both tasks forward ``prompt + chosen`` and ``prompt + rejected`` (the prompt counts twice); DPO
     also forwards both through the reference model, which is not counted again (tokens/s is
@@ -245,20 +314,29 @@ def real_tokens(rows: list[dict[str, Any]], task: str) -> int:
     """
     if task not in ("dpo", "reward"):
         raise ValueError(f"task={task!r}; expected 'dpo' or 'reward'")
-    return int(sum(2 * (r["n_prompt"] + 2) + r["n_chosen"] + r["n_rejected"] for r in rows))
+    special = 1 + int(bool(bos))
+    return int(sum(2 * (r["n_prompt"] + special) + r["n_chosen"] + r["n_rejected"] for r in rows))
 
 
-def step_rows(rows: list[dict[str, Any]], w: Workload, step: int) -> list[dict[str, Any]]:
-    """Rows of step ``step`` (0-based, warm-up steps included)."""
+def step_rows(
+    rows: list[dict[str, Any]], w: Workload, step: int, *, wrap: bool = False
+) -> list[dict[str, Any]]:
+    """Rows of step ``step`` (0-based, warm-up steps included); ``wrap``: epochs repeat the file
+    in order (``num_pairs`` a multiple of ``batch_size``), as a run longer than the data reads it."""
     lo = step * w.batch_size
+    if wrap:
+        if len(rows) % w.batch_size:
+            raise ValueError(f"{len(rows)} rows are not a whole number of batches of {w.batch_size}")
+        lo %= len(rows)
     if lo + w.batch_size > len(rows):
         raise ValueError(f"step {step} needs rows [{lo}, {lo + w.batch_size}) but the data has {len(rows)}")
     return rows[lo : lo + w.batch_size]
 
 
 # ----------------------------------------------------------------------------------------- model
-def hf_config(w: Workload, *, reward: bool = False) -> dict[str, Any]:
-    """HF ``config.json`` of the Llama model (causal LM, or sequence classifier with one label)."""
+def hf_config(w: Workload, *, reward: bool = False, special: dict | None = None) -> dict[str, Any]:
+    """HF ``config.json`` of the Llama model (causal LM, or sequence classifier with one label);
+    ``special``: the tokenizer's ``bos/eos/pad_token_id`` (default: the synthetic tokenizer's)."""
     cfg: dict[str, Any] = {
         "architectures": ["LlamaForSequenceClassification" if reward else "LlamaForCausalLM"],
         "model_type": "llama",
@@ -277,9 +355,7 @@ def hf_config(w: Workload, *, reward: bool = False) -> dict[str, Any]:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        **(special or {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}),
         "initializer_range": w.init_std,
         "torch_dtype": "float32",
         "dtype": "float32",
@@ -341,6 +417,61 @@ def flops_per_token(w: Workload, seq_len: int, *, reward: bool = False) -> float
 
 
 # ----------------------------------------------------------------------------------------- files
+def real_tokenizer_words(w: Workload, tok_dir: str) -> tuple[list[str], dict[str, int | None]]:
+    """``w.num_words`` lower-case words that the tokenizer in ``tok_dir`` encodes as one token
+    with a leading space (its ``"Ġword"`` entries, lowest ids first), and its special ids.
+    Raises when the tokenizer's vocabulary exceeds ``w.vocab_size`` or its BOS use is not ``w.bos``."""
+    from tokenizers import Tokenizer
+
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"{tok_dir}/tokenizer.json not found (Workload.tokenizer={w.tokenizer!r})")
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > w.vocab_size:
+        raise ValueError(f"tokenizer {tok_dir} has {size} entries > vocab_size={w.vocab_size}")
+    vocab = tok.get_vocab(with_added_tokens=False)
+    words = sorted(
+        (i, t[1:]) for t, i in vocab.items() if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha()
+        and t[1:].islower() and len(t) >= 4
+    )  # fmt: skip
+    words = [
+        t for _, t in words if tok.encode(" " + t, add_special_tokens=False).ids == [vocab["\u0120" + t]]
+    ]
+    if len(words) < w.num_words:
+        raise ValueError(
+            f"tokenizer {tok_dir} has only {len(words)} single-token words < num_words={w.num_words}"
+        )
+    with open(os.path.join(tok_dir, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    ids = {}
+    for key in ("bos", "eos", "pad"):
+        name = cfg.get(f"{key}_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        ids[f"{key}_token_id"] = tok.token_to_id(name) if name else None
+    bos = len(tok.encode(" a", add_special_tokens=True).ids) > len(
+        tok.encode(" a", add_special_tokens=False).ids
+    )
+    if bos != w.bos:
+        raise ValueError(
+            f"tokenizer {tok_dir} {'adds' if bos else 'adds no'} BOS token; the workload says bos={w.bos}"
+        )
+    return words[: w.num_words], ids
+
+
+def check_token_counts(w: Workload, tok_dir: str, rows: list[dict[str, Any]]) -> None:
+    """Each row's prompt + response encodes to exactly its word counts (plus BOS): a word that
+    merged with its neighbour would make the frameworks' token counts disagree with :func:`real_tokens`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    for r in rows:
+        for half in ("chosen", "rejected"):
+            n = len(tok.encode(r["prompt"] + r[half], add_special_tokens=True).ids)
+            want = int(w.bos) + r["n_prompt"] + r[f"n_{half}"]
+            if n != want:
+                raise ValueError(f"row {r['id']} {half}: {n} tokens, expected {want} (one per word)")
+
+
 def _save_tokenizer(w: Workload, words: list[str], out_dir: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -371,7 +502,9 @@ def _save_tokenizer(w: Workload, words: list[str], out_dir: str) -> None:
         json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, f, indent=2)
 
 
-def _save_model(w: Workload, weights: dict[str, np.ndarray], out_dir: str, *, reward: bool) -> None:
+def _save_model(
+    w: Workload, weights: dict[str, np.ndarray], out_dir: str, *, reward: bool, special=None
+) -> None:
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -379,14 +512,25 @@ def _save_model(w: Workload, weights: dict[str, np.ndarray], out_dir: str, *, re
     tensors = {k: v for k, v in weights.items() if k != drop}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(w, reward=reward), f, indent=2)
+        json.dump(hf_config(w, reward=reward, special=special), f, indent=2)
 
 
-def paths(workdir: str) -> dict[str, str]:
-    """Where :func:`prepare` puts each file under ``workdir``."""
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tokenizer_dir(w: Workload, workdir: str) -> str:
+    """The synthetic tokenizer under ``workdir``, or the real one (a relative path is taken from
+    the repository root, e.g. ``../shared/real/tokenizer_qwen2_5_instruct``)."""
+    if not w.tokenizer:
+        return os.path.join(workdir, "tokenizer")
+    return os.path.normpath(os.path.join(REPO, w.tokenizer))
+
+
+def paths(workdir: str, w: Workload | None = None) -> dict[str, str]:
+    """Where :func:`prepare` puts each file under ``workdir`` (the tokenizer: see :func:`tokenizer_dir`)."""
     return {
         "workdir": workdir,
-        "tokenizer": os.path.join(workdir, "tokenizer"),
+        "tokenizer": tokenizer_dir(w or DEFAULT, workdir),
         "model": os.path.join(workdir, "model"),
         "reward_model": os.path.join(workdir, "reward_model"),
         "data": os.path.join(workdir, "data.jsonl"),
@@ -399,21 +543,27 @@ def prepare(workdir: str, w: Workload = DEFAULT, *, force: bool = False) -> dict
     workload) and returns :func:`paths`. Deterministic: the same workload gives byte-identical files.
     """
     w.validate()
-    p = paths(workdir)
+    p = paths(workdir, w)
     if not force and os.path.exists(p["workload"]):
         with open(p["workload"]) as f:
             if json.load(f).get("fingerprint") == w.fingerprint():
                 return p
     os.makedirs(workdir, exist_ok=True)
-    words = make_words(w.vocab_size - len(SPECIAL_TOKENS))
-    _save_tokenizer(w, words, p["tokenizer"])
+    special = None
+    if w.tokenizer:
+        words, special = real_tokenizer_words(w, p["tokenizer"])
+    else:
+        words = make_words(w.vocab_size - len(SPECIAL_TOKENS))
+        _save_tokenizer(w, words, p["tokenizer"])
     rows = make_rows(w, words)
+    if w.tokenizer:
+        check_token_counts(w, p["tokenizer"], rows[:32])
     with open(p["data"], "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     weights = init_weights(w)
-    _save_model(w, weights, p["model"], reward=False)
-    _save_model(w, weights, p["reward_model"], reward=True)
+    _save_model(w, weights, p["model"], reward=False, special=special)
+    _save_model(w, weights, p["reward_model"], reward=True, special=special)
     # The stamp is written last: a half-written work dir is rebuilt on the next call.
     with open(p["workload"], "w") as f:
         json.dump({"workload": w.to_dict(), "fingerprint": w.fingerprint(), "paths": p}, f, indent=2)
@@ -430,6 +580,7 @@ def load(workdir: str) -> tuple[Workload, dict[str, str], list[dict[str, Any]]]:
     with open(p["workload"]) as f:
         meta = json.load(f)
     w = Workload.from_dict(meta["workload"])
+    p = paths(workdir, w)
     with open(p["data"]) as f:
         rows = [json.loads(line) for line in f]
     return w, p, rows

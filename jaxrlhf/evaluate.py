@@ -11,6 +11,9 @@ The config supplies the prompt data (``config.data``, ``config.tokenizer``), the
   (ties count one half), both judged by the same reward.
 * **KL to reference**: mean over prompts of ``Σ_t log π(y_t) − log π_ref(y_t)`` on the policy's own
   samples (a Monte-Carlo estimate of KL(π ‖ π_ref) per sequence).
+* **degeneracy** (judge ``jaxrlhf.tasks.reviews:reward``): the statistics of
+  ``jaxrlhf.tasks.degeneracy.row_fields`` on the first response per prompt (fraction judged positive,
+  repeated 3-grams, distinct-2, out-of-grammar words and bigrams, length in words, score histogram).
 * **pass@k** (programmatic 0/1 rewards): the unbiased estimator of Chen et al. (2021) from
   ``samples`` responses per prompt, for every k ≤ samples that is a power of two, and samples.
 """
@@ -30,11 +33,12 @@ from flax import nnx
 from ml_collections import config_flags
 
 from jaxrlhf import data as data_lib
-from jaxrlhf import models
+from jaxrlhf import models, rollout
 from jaxrlhf.algorithms.common import response_logps
 from jaxrlhf.distributed import gather
 from jaxrlhf.rollout import build_reward, config_sampler
 from jaxrlhf.sharding import make_mesh, shard_batch
+from jaxrlhf.tasks import degeneracy
 from jaxrlhf.tasks.verifiable import pass_at_k_from_scores
 from jaxrlhf.trainer.setup import DTYPES
 
@@ -43,6 +47,15 @@ def load_policy(path: str, dtype: str, mesh):
     model = models.from_pretrained(path, dtype=DTYPES[dtype], param_dtype=jnp.float32, mesh=mesh)
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
+
+
+def decode_texts(tokenizer, seq: dict, prompt_len: int) -> tuple[list[str], list[str]]:
+    """``(prompts [B], responses [B])`` of a ``[B, P+N]`` sequence batch (prompt = its first
+    ``prompt_len`` columns), decoded as the programmatic judge (``rollout.build_reward``) decodes them."""
+    ids, am = gather(seq["input_ids"]), gather(seq["attention_mask"])
+    prompts = rollout.decode_texts(tokenizer, ids[:, :prompt_len], am[:, :prompt_len])
+    responses = rollout.decode_texts(tokenizer, ids[:, prompt_len:], am[:, prompt_len:])
+    return prompts, responses
 
 
 def evaluate(
@@ -82,6 +95,8 @@ def evaluate(
             out.append(
                 {"seq": seq, "scores": scores.reshape(-1, k), "length": gather(gen.response_mask).sum(-1)}
             )
+            if config.reward.fn == degeneracy.REVIEWS_REWARD:  # the first sample of each prompt
+                out[-1]["texts"] = [t[::k] for t in decode_texts(tokenizer, seq, rep["prompt_ids"].shape[1])]
         return out
 
     graphdef, params = load_policy(policy, dtype, mesh)
@@ -94,6 +109,9 @@ def evaluate(
         "reward_std": float(scores[:, 0].std()),
         "response_length_mean": float(np.concatenate([p["length"] for p in pol]).mean()),
     }
+    if "texts" in pol[0]:
+        prompts, responses = ([t for p in pol for t in p["texts"][i]] for i in (0, 1))
+        result.update(degeneracy.row_fields(prompts, responses, scores[:, 0]))
     binary = np.all(np.isin(scores, (0.0, 1.0)))
     if binary:
         ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples} | {samples})

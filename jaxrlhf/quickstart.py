@@ -516,7 +516,12 @@ def compare_policies(
       seed: sampling seed (policies use ``seed + 1``, the baseline ``seed + 2``).
 
     Returns:
-      name -> ``{gold_reward, gold_reward_sem, kl_to_sft, win_rate_vs_sft, response_length, prompts}``.
+      name -> ``{gold_reward, gold_reward_sem, kl_to_sft, win_rate_vs_sft, response_length, prompts}``,
+      plus, when the judge is the reviews gold scorer, the degeneracy statistics of the policy's
+      responses (``jaxrlhf.tasks.degeneracy.row_fields``): ``frac_positive``, ``repeat_3gram_frac``,
+      ``distinct_2``, ``out_of_grammar_frac``, ``off_grammar_bigram_frac``, ``off_grammar_trigram_frac``,
+      ``response_words`` (mean length in words) and the score histogram ``score_hist_0`` ..
+      ``score_hist_9`` (counts, 10 bins on [0, 1]).
     """
     import jax
     import numpy as np
@@ -527,6 +532,7 @@ def compare_policies(
     from jaxrlhf.algorithms.common import response_logps
     from jaxrlhf.distributed import gather
     from jaxrlhf.sharding import make_mesh, shard_batch
+    from jaxrlhf.tasks import degeneracy
 
     mesh = make_mesh(config.mesh)
     tokenizer = data_lib.load_tokenizer(config.tokenizer)
@@ -534,6 +540,7 @@ def compare_policies(
     batch = min(batch_size, len(ds))
     n_batches = len(ds) // batch
     judge = rollout.build_reward(config, mesh, tokenizer, ds)
+    reviews_judge = config.reward.fn == degeneracy.REVIEWS_REWARD
     graphdef, base_params = evaluate.load_policy(baseline, config.model.dtype, mesh)
     sampler = rollout.config_sampler(graphdef, config.generation, tokenizer, mesh, base_params)
     logps = jax.jit(lambda params, seq: response_logps(graphdef, params, seq))
@@ -552,6 +559,8 @@ def compare_policies(
             scores = np.asarray(jax.device_get(judge(seq, host["prompt_ids"].shape[1], host["index"])))
             length = np.asarray(gather(gen.response_mask)).sum(-1)
             out.append({"seq": seq, "scores": scores, "length": length})
+            if reviews_judge:
+                out[-1]["texts"] = evaluate.decode_texts(tokenizer, seq, host["prompt_ids"].shape[1])
         return out
 
     base_scores = np.concatenate([o["scores"] for o in sample(base_params, 2, "baseline samples")])
@@ -573,6 +582,9 @@ def compare_policies(
             "response_length": float(np.concatenate([o["length"] for o in pol]).mean()),
             "prompts": len(scores),
         }
+        if reviews_judge:
+            prompts, responses = ([t for o in pol for t in o["texts"][i]] for i in (0, 1))
+            rows[name].update(degeneracy.row_fields(prompts, responses, scores))
     return rows
 
 
@@ -595,16 +607,26 @@ def stage_eval(s: Sizes, size: str, p: Paths, stage_metrics: dict[str, Any]) -> 
 # Results: console / markdown table, JSON, reward-vs-KL plot.
 # ----------------------------------------------------------------------------------------------
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A markdown table, one row per policy (gold reward ± s.e.m., KL to SFT, win rate vs SFT)."""
-    lines = [
-        "| policy | gold reward (mean ± s.e.m.) | KL to SFT (nats/seq) | win rate vs SFT | response length |",
-        "|---|---|---|---|---|",
-    ]
+    """A markdown table, one row per policy (gold reward ± s.e.m., KL to SFT, win rate vs SFT), with the
+    degeneracy statistics as further columns when every row has them (results since issue 17)."""
+    header = (
+        "| policy | gold reward (mean ± s.e.m.) | KL to SFT (nats/seq) | win rate vs SFT | response length |"
+    )
+    degenerate = bool(rows) and all("distinct_2" in r for r in rows.values())
+    if degenerate:
+        header += " words | gold > 0.5 | repeated 3-grams | distinct-2 | out-of-grammar words |"
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
     for name, r in rows.items():
-        lines.append(
+        line = (
             f"| {name.upper()} | {r['gold_reward']:.3f} ± {r['gold_reward_sem']:.3f} | {r['kl_to_sft']:.2f} "
             f"| {r['win_rate_vs_sft']:.3f} | {r['response_length']:.1f} |"
         )
+        if degenerate:
+            line += (
+                f" {r['response_words']:.1f} | {r['frac_positive']:.3f} | {r['repeat_3gram_frac']:.3f} "
+                f"| {r['distinct_2']:.3f} | {r['out_of_grammar_frac']:.3f} |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -100,6 +100,11 @@ def test_smoke_pipeline_chains_every_stage(tmp_path):
         assert all(math.isfinite(v) for v in row.values()), (name, row)
         assert 0.0 <= row["win_rate_vs_sft"] <= 1.0 and 0.0 < row["gold_reward"] < 1.0
         assert row["prompts"] == s.n_eval_prompts
+        # Degeneracy statistics of each policy's responses (issue 17): a histogram of every prompt's score.
+        assert sum(row[f"score_hist_{b}"] for b in range(10)) == row["prompts"], row
+        for key in ("frac_positive", "repeat_3gram_frac", "distinct_2", "out_of_grammar_frac"):
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        assert 0.0 < row["response_words"] <= row["response_length"]  # words = tokens less EOS, <unk>
     assert abs(res["table"]["sft"]["kl_to_sft"]) < 1e-4
     assert set(res["stages"]["wall_s"]) == set(q.STAGES)
     for stage in ("sft", "reward", "dpo", "ppo", "eval"):  # every key of every stage config was read

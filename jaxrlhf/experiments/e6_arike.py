@@ -225,7 +225,8 @@ def divergence_curves(p: q.Paths, runs: dict[str, str]) -> dict[str, Any]:
 
     out = {}
     for name, run_dir in runs.items():
-        points = divergence.divergence_run(p.sft_export, run_dir)
+        # absolute paths: orbax's metadata() of a relative checkpoint path has no item metadata
+        points = divergence.divergence_run(os.path.abspath(p.sft_export), os.path.abspath(run_dir))
         last = points[-1]["step"]
         curve = {
             "x": [0.0] + [pt["step"] / last for pt in points],

@@ -32,8 +32,13 @@ def common(algorithm: str) -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.max_consecutive_skips = 10  # skipped updates in a row before the run stops with an error
     # divergence guard: after `warmup` applied updates, skip a step whose gradient norm exceeds
-    # `factor` x the running mean (EMA `decay`) of the applied ones; factor 0 = off
-    c.guard = dict(factor=0.0, warmup=10, decay=0.9)
+    # `factor` x the running mean (EMA `decay`) of the applied ones; factor 0 = off. `loss_factor`:
+    # also skip a step whose |loss - running mean| exceeds loss_factor x the running mean absolute
+    # deviation of the applied steps' losses (scale-free: losses may be negative); 0 = off
+    c.guard = dict(factor=0.0, warmup=10, decay=0.9, loss_factor=0.0)
+    # multi-process runs (jax.distributed): a process silent for this long is declared dead and the
+    # others stop with a clear error (exit 75); a rerun resumes from the last checkpoint
+    c.distributed = dict(heartbeat_timeout_s=100)
     c.export_hf = True  # write <workdir>/hf (config.json + safetensors) at the end
     c.compilation_cache_dir = (
         ""  # JAX's persistent compilation cache (reruns/resumes skip compiles); "" = off
@@ -45,7 +50,10 @@ def offline_run_keys(c: ml_collections.ConfigDict) -> None:
     """Run-length keys of the offline driver (SFT, reward model, DPO family)."""
     c.batch_size = 64  # global, in sequences (pairs for reward/DPO) per optimizer step
     c.total_steps = 1000
-    c.pad_to_multiple_of = 64  # batch lengths rounded up to this: few shapes, few compiles
+    # Padded batch lengths rounded up to this: at most max_length / 128 shapes (compiles). Measured on
+    # UltraFeedback (Qwen2.5 tokens, length-bucketed batches of 8-64 pairs): 64 -> 128 halves the
+    # shapes (max_length 512: 6-7 -> 3-4; 1024: 11-15 -> 7-8) for +3.2 to +4.3 points of padding.
+    c.pad_to_multiple_of = 128
     c.eval_every = 0  # steps between evaluations on data.eval_split / data.eval_fraction; 0: none
     c.eval_batches = 8  # batches per evaluation
 
@@ -65,6 +73,10 @@ def model(path: str = "", family: str = "llama", **init) -> ml_collections.Confi
     m.dtype = "bfloat16"  # activation / compute dtype
     m.param_dtype = "float32"  # master weights
     m.remat = False  # gradient checkpointing per block
+    # LM log-probs / entropy / SFT loss in vocabulary chunks of this many entries (losses.chunked_*,
+    # algorithms.common.token_logps): never the [B, T, V] logits; 0 = the plain logits path; a
+    # vocabulary of at most this size takes the plain path anyway (docs/benchmarks.md, "Large vocabularies")
+    m.vocab_chunk = 8192
     return m
 
 
@@ -74,10 +86,11 @@ def lora(**overrides) -> ml_collections.ConfigDict:
     ``targets``: regex over parameter paths of the kernels that get adapters (default: attention
     and MLP projections); ``full``: regex of leaves trained in full (default: the scalar head);
     ``alpha``: the adapters' scale is ``alpha / rank``; ``init``: ``A``'s init, "kaiming" or
-    "gaussian" (``B`` = 0, so step 0 is the base model exactly).
+    "gaussian" (``B`` = 0, so step 0 is the base model exactly); ``dropout``: PEFT's
+    ``lora_dropout``, the rate of dropout on the adapter path's input in training forwards only.
     """
     c = ml_collections.ConfigDict(
-        dict(rank=0, alpha=16.0, targets=DEFAULT_TARGETS, full=DEFAULT_FULL, init="kaiming")
+        dict(rank=0, alpha=16.0, targets=DEFAULT_TARGETS, full=DEFAULT_FULL, init="kaiming", dropout=0.0)
     )
     c.update(overrides)
     return c

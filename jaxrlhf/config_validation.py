@@ -63,6 +63,7 @@ OPTIM = (
 
 MODEL = (
     Rule("remat", bool),
+    Rule("vocab_chunk", int, NONNEG),  # 0: the plain logits path
     Rule("init.vocab_size", int, AT_LEAST_1),
     Rule("init.hidden_size", int, AT_LEAST_1),
     Rule("init.intermediate_size", int, AT_LEAST_1),
@@ -93,6 +94,8 @@ RULES: tuple[Rule, ...] = (
     Rule("guard.factor", float, NONNEG),  # 0: off; else > 1 makes sense
     Rule("guard.warmup", int, NONNEG),
     Rule("guard.decay", float, "[0, 1)"),
+    Rule("guard.loss_factor", float, NONNEG),  # 0: the loss is not watched (non-finite still is)
+    Rule("distributed.heartbeat_timeout_s", int, AT_LEAST_1),
     Rule("export_hf", bool),
     Rule("checkpoint.every", int, AT_LEAST_1),
     Rule("checkpoint.keep", int, AT_LEAST_1),
@@ -116,6 +119,8 @@ RULES: tuple[Rule, ...] = (
     Rule("data.max_length", int, "[2, inf)"),
     Rule("data.strict", bool),
     Rule("data.packing", bool),
+    Rule("data.packed_row_buckets", int, NONNEG),  # 0: exact packed row counts
+    Rule("data.prefetch", int, NONNEG),  # 0: no background batch preparation
     Rule("data.bucket", bool),
     Rule("data.shuffle", bool),
     Rule("data.seed", int, NONNEG),
@@ -184,6 +189,7 @@ RULES: tuple[Rule, ...] = (
     # ---- LoRA
     Rule("lora.rank", int, NONNEG),  # 0: full fine-tuning
     Rule("lora.alpha", float, POS),
+    Rule("lora.dropout", float, UNIT_OPEN),  # dropout on the adapter path (training forwards only)
 )
 
 
@@ -235,7 +241,7 @@ def has_type(value: Any, kind: type) -> bool:
 
 def in_range(value: Any, allowed: str) -> bool:
     """Whether ``value`` matches one alternative of ``allowed`` (see the module docstring)."""
-    if not allowed:
+    if not allowed or (value is not None and allowed.strip() == "None"):  # "None": the type, or None
         return True
     for alt in allowed.split(" or "):
         alt = alt.strip()

@@ -73,6 +73,7 @@ def train_config(task: str, vocab: str, workload_dir: str | None = None):
         p = wl.paths(bench_dir(os.path.join(REPO, "workdirs", "bench"), vocab), w)
     c = ours.build_config(task, w, p, pad_multiple=64, packing=True)
     c.data.chat_template = False  # plain strings, as TRL reads them
+    c.data.schema = "auto"  # prompt/chosen/rejected columns: the preference schema
     c.total_steps = 200
     c.log_every = 10
     c.progress_bar = False

@@ -17,8 +17,8 @@ the *mean* clause verdict (length as such earns nothing), each clause's verdict 
 outside the grammar pays in the logit.
 
 1. The text is cut at its first ``<eos>``; ``<pad>``/``<bos>`` are ignored.
-2. *Clauses* end at "." "," ";" "but" "although", and at "and" unless it joins a sentiment word to
-   the clause ("the plot was great and funny"). Negation and intensifier scope also ends at "and".
+2. *Clauses* end at "." "," ";" "but" "although", and at "and" unless it joins an adjective to the
+   clause ("the plot was great and funny"). Negation and intensifier scope also ends at "and".
 3. Every *sentiment word* (adjective, verb or noun in ``LEXICON``, polarity ``p`` in [-2, 2]) gets
    ``c = p * m * n * d`` where
    - ``m``: one intensifier's worth: the multiplier (``INTENSIFIERS``: "very" 1.5, "extremely" 2,
@@ -51,8 +51,8 @@ outside the grammar pays in the logit.
 
 Generated reviews keep their verdicts (2 000 per class, seed 123: 97.5 % of positive ones score
 > 0.5, 97.3 % of negative ones < 0.5, mixed ones have median 0.50), and the issue-17 gaming strings
-("the movie was great and excellent and ... and perfect .", stacked intensifiers, repeated or
-templated clauses, word salads) score below the median positive review (0.904); a beam search over
+("the movie was great and excellent and ... and perfect .", stacked intensifiers, repeated clauses,
+"the X was great ." spam, word salads) score below the median positive review (0.904); a beam search over
 the vocabulary (``jaxrlhf.tasks.gold_search``) finds grammatical positive reviews as the maximum.
 Hand-checked values are in ``tests/test_tasks.py``, ``tests/test_gold_scorer.py`` and
 ``docs/tasks.md``.

@@ -343,7 +343,7 @@ def build(config, s: Settings, mesh, tokenizer, prompts_ds):
     tx, schedule = make_optimizer(config.optim, s.iterations * s.epochs * s.minibatches)
     state, shardings = setup.make_state(
         tx, params, mesh, ref_of=actor_of, seed=config.seed, frozen=frozen,
-        follow_reference=setup.reference_follows(config), guard=config.guard.factor > 0,
+        follow_reference=setup.reference_follows(config), guard=config.guard,
     )  # fmt: skip
     del params, actor
     loss_fn = functools.partial(grpo_loss, graphdef=graphdef, s=s)

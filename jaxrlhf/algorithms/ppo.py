@@ -345,7 +345,7 @@ def build(config, mesh, tokenizer, prompts_ds):
     tx, schedule = make_tx(config, params)
     state, shardings = setup.make_state(
         tx, params, mesh, ref_of=actor_of, seed=config.seed, frozen=frozen,
-        follow_reference=setup.reference_follows(config), guard=config.guard.factor > 0,
+        follow_reference=setup.reference_follows(config), guard=config.guard,
     )  # fmt: skip
     del params
     chunk = config.model.vocab_chunk

@@ -30,6 +30,7 @@ from jaxrlhf.sharding import (
     replicated,
 )
 from jaxrlhf.trainer import state as state_lib
+from jaxrlhf.trainer.guard import Guard, init_stats
 from jaxrlhf.trainer.optim import make_optimizer
 from jaxrlhf.trainer.step import make_train_step
 
@@ -142,11 +143,11 @@ def make_state(
     seed: int,
     frozen=None,
     follow_reference: bool = True,
-    guard: bool = False,
+    guard=None,
 ):
     """``(state, shardings)``: a fresh ``TrainState`` created sharded, donation-ready.
 
-    ``guard``: the state carries the divergence guard's statistics (``config.guard.factor > 0``).
+    ``guard``: ``config.guard``; the state carries the divergence guard's statistics when it is on.
 
     ``ref_of(params)`` selects the subtree the reference policy copies (``no_reference``: none;
     ``whole``: all of ``params``; PPO: ``params["actor"]``). ``frozen`` (LoRA: from ``lora_split``)
@@ -173,8 +174,8 @@ def make_state(
         return state_lib.create(params, tx, ref_params=ref, rng=jax.random.key_data(jax.random.key(seed)))
 
     state = jax.jit(make, out_shardings=shardings)(params)
-    if guard:
-        stats = {"count": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)}
+    stats = None if guard is None else init_stats(Guard.from_config(guard))
+    if stats is not None:
         state = state.replace(guard=jax.device_put(stats, replicated(mesh)))
         shardings = shardings.replace(guard={k: replicated(mesh) for k in stats})
     if frozen is not None:
@@ -188,6 +189,7 @@ def train_step_fn(config, loss_fn, denominators, tx, *, ref_of: Callable = no_re
     settings (``config.lora``: the loss sees the base with the adapters applied, ``lora_views``,
     and with ``config.lora.dropout > 0`` dropout keys drawn from its per-micro-batch key)."""
     with_ref = ref_of is not no_reference
+    guard = Guard.from_config(config.guard)
     return make_train_step(
         lora_dropout(config, loss_fn),
         denominators,
@@ -197,9 +199,10 @@ def train_step_fn(config, loss_fn, denominators, tx, *, ref_of: Callable = no_re
         ref_reset_every=config.ref.reset_every if with_ref else 0,
         ref_of=ref_of,
         views=lora_views(config, ref_of),
-        guard_factor=config.guard.factor,
-        guard_warmup=config.guard.warmup,
-        guard_decay=config.guard.decay,
+        guard_factor=guard.factor,
+        guard_warmup=guard.warmup,
+        guard_decay=guard.decay,
+        guard_loss_factor=guard.loss_factor,
     )
 
 
@@ -434,7 +437,7 @@ def build_offline(
         seed=config.seed,
         frozen=frozen,
         follow_reference=follows,
-        guard=config.guard.factor > 0,
+        guard=config.guard,
     )
     del params
     step = jit_step(train_step_fn(config, loss_fn, denominators, tx, ref_of=ref_of), shardings, mesh)

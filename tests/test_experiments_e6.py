@@ -94,6 +94,7 @@ def smoke(tmp_path_factory):
     return res, out, root / "work" / "smoke" / "seed0"
 
 
+@pytest.mark.slow  # ~120 CPU-seconds, nearly all compiles (SFT, DPO, PPO, samplers, analyses)
 def test_smoke_pipeline_end_to_end(smoke):
     res, out, seed_dir = smoke
     for name in ("results.json", "table.md", *e6.PLOTS):

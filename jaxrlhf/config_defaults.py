@@ -14,13 +14,15 @@ import ml_collections
 
 from jaxrlhf import registry
 from jaxrlhf.config_sections import *  # noqa: F403 - the section builders are this module's API
-from jaxrlhf.config_sections import common
+from jaxrlhf.config_sections import common, language_model_keys
 
 
 def base(algorithm: str) -> ml_collections.ConfigDict:
     """The common keys, the driver's run-length keys and the algorithm's default sections."""
     record = registry.get(algorithm)
     c = common(algorithm)
+    if record.head is None:
+        language_model_keys(c)
     if record.run_keys is not None:
         record.run_keys(c)
     for name, make in record.sections.items():

@@ -46,6 +46,15 @@ def common(algorithm: str) -> ml_collections.ConfigDict:
     return c
 
 
+def language_model_keys(c: ml_collections.ConfigDict) -> None:
+    """Keys of algorithms whose trained model has an LM head (all but the reward model)."""
+    # the policy's log-probs / entropy / SFT loss in vocabulary chunks of this many entries
+    # (losses.chunked_*, algorithms.common.token_logps): never the [B, T, V] logits; 0 = the plain
+    # logits path; a vocabulary of at most this size takes the plain path anyway (docs/benchmarks.md,
+    # "Large vocabularies"). A run key, not a model key: scalar-head models have no vocabulary.
+    c.vocab_chunk = 8192
+
+
 def offline_run_keys(c: ml_collections.ConfigDict) -> None:
     """Run-length keys of the offline driver (SFT, reward model, DPO family)."""
     c.batch_size = 64  # global, in sequences (pairs for reward/DPO) per optimizer step
@@ -54,6 +63,9 @@ def offline_run_keys(c: ml_collections.ConfigDict) -> None:
     # UltraFeedback (Qwen2.5 tokens, length-bucketed batches of 8-64 pairs): 64 -> 128 halves the
     # shapes (max_length 512: 6-7 -> 3-4; 1024: 11-15 -> 7-8) for +3.2 to +4.3 points of padding.
     c.pad_to_multiple_of = 128
+    # batches prepared (collation, device transfer) in a background thread while the current step
+    # runs; 0: none (prepared in the loop). See jaxrlhf.data.prefetch.
+    c.prefetch = 2
     c.eval_every = 0  # steps between evaluations on data.eval_split / data.eval_fraction; 0: none
     c.eval_batches = 8  # batches per evaluation
 
@@ -73,10 +85,6 @@ def model(path: str = "", family: str = "llama", **init) -> ml_collections.Confi
     m.dtype = "bfloat16"  # activation / compute dtype
     m.param_dtype = "float32"  # master weights
     m.remat = False  # gradient checkpointing per block
-    # LM log-probs / entropy / SFT loss in vocabulary chunks of this many entries (losses.chunked_*,
-    # algorithms.common.token_logps): never the [B, T, V] logits; 0 = the plain logits path; a
-    # vocabulary of at most this size takes the plain path anyway (docs/benchmarks.md, "Large vocabularies")
-    m.vocab_chunk = 8192
     return m
 
 

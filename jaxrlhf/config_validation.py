@@ -63,7 +63,6 @@ OPTIM = (
 
 MODEL = (
     Rule("remat", bool),
-    Rule("vocab_chunk", int, NONNEG),  # 0: the plain logits path
     Rule("init.vocab_size", int, AT_LEAST_1),
     Rule("init.hidden_size", int, AT_LEAST_1),
     Rule("init.intermediate_size", int, AT_LEAST_1),
@@ -104,6 +103,8 @@ RULES: tuple[Rule, ...] = (
     Rule("batch_size", int, AT_LEAST_1),
     Rule("total_steps", int, AT_LEAST_1),
     Rule("pad_to_multiple_of", int, AT_LEAST_1),
+    Rule("prefetch", int, NONNEG),  # 0: no background batch preparation
+    Rule("vocab_chunk", int, NONNEG),  # 0: the plain logits path
     Rule("eval_every", int, NONNEG),  # 0: no evaluation
     Rule("eval_batches", int, AT_LEAST_1),
     # ---- optimizers and models
@@ -120,7 +121,6 @@ RULES: tuple[Rule, ...] = (
     Rule("data.strict", bool),
     Rule("data.packing", bool),
     Rule("data.packed_row_buckets", int, NONNEG),  # 0: exact packed row counts
-    Rule("data.prefetch", int, NONNEG),  # 0: no background batch preparation
     Rule("data.bucket", bool),
     Rule("data.shuffle", bool),
     Rule("data.seed", int, NONNEG),

@@ -20,6 +20,7 @@ The config supplies the prompt data (``config.data``, ``config.tokenizer``), the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -120,7 +121,7 @@ def evaluate(
     ref_path = reference or baseline
     if ref_path:
         ref_gd, ref_params = load_policy(ref_path, dtype, mesh)
-        lp = jax.jit(response_logps, static_argnums=0)
+        lp = jax.jit(functools.partial(response_logps, vocab_chunk=config.vocab_chunk), static_argnums=0)
         kls = [
             gather(lp(graphdef, params, p["seq"]) - lp(ref_gd, ref_params, p["seq"])).reshape(-1, samples)[
                 :, 0

@@ -28,11 +28,10 @@ def prompt_data(config, tokenizer, prompts_per_batch: int):
     """``(prompts_ds, iterator)``: the prompt dataset and this process's iterator over global
     batches of ``prompts_per_batch`` prompts (each process reads its own rows)."""
     prompts_ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
-    prompt_it = data_lib.BatchIterator(
+    prompt_it = data_lib.BatchIterator.from_config(
         prompts_ds,
+        config.data,
         prompts_per_batch,
-        seed=config.data.seed,
-        shuffle=config.data.shuffle,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

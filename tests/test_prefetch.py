@@ -146,7 +146,7 @@ def _dpo_config(total, prefetch):
         c.log_every = 1
         c.optim.schedule = "constant"
         c.data.packing = True
-        c.data.prefetch = prefetch
+        c.prefetch = prefetch
     return c
 
 

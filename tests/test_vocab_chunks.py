@@ -1,6 +1,6 @@
 """Large vocabularies: the chunked log-prob / entropy kernels (``losses.chunked_*``) against a float64
 numpy closed form (values and gradients wrt the hidden states and the output layer), and the wired
-path (``config.model.vocab_chunk``) against the plain logits path: SFT, DPO and PPO's token log-probs
+path (``config.vocab_chunk``) against the plain logits path: SFT, DPO and PPO's token log-probs
 with temperature and entropy, tied and untied heads, on a tensor=2 mesh, and the compiled memory
 without a ``[B, T, V]`` float32 buffer."""
 
@@ -131,7 +131,7 @@ def _config(algorithm, vocab_chunk, tie=False):
         tie_word_embeddings=tie,
     )
     c.model.dtype = "float32"
-    c.model.vocab_chunk = vocab_chunk
+    c.vocab_chunk = vocab_chunk
     c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.5)
     return c
 
@@ -260,7 +260,7 @@ def test_compiled_chunked_step_has_no_full_logits_buffer():
 
     def temp_bytes(chunk):
         with config.unlocked():
-            config.model.vocab_chunk = chunk
+            config.vocab_chunk = chunk
         loss_fn, denominators = registry.get("dpo").build_loss(config, graphdef)
         step = jax.grad(lambda p, r, x: loss_fn(p, r, x, denominators(x), None)[0])
         return jax.jit(step).lower(params, params, batch).compile().memory_analysis().temp_size_in_bytes

@@ -98,7 +98,7 @@ def output_layer(model) -> tuple[jax.Array, int]:
 
 
 def uses_vocab_chunks(config, vocab_chunk: int) -> bool:
-    """Whether ``token_logps`` takes the chunked path: ``vocab_chunk > 0`` (``config.model.vocab_chunk``)
+    """Whether ``token_logps`` takes the chunked path: ``vocab_chunk > 0`` (``config.vocab_chunk``)
     on an LM head whose vocabulary is larger than one chunk."""
     return vocab_chunk > 0 and config.head is None and config.vocab_size > vocab_chunk
 

@@ -51,7 +51,7 @@ def make_dpo_loss(
     coord: dict | None = None,
     vocab_chunk: int = 0,
 ):
-    """``vocab_chunk``: ``config.model.vocab_chunk`` (``algorithms.common.token_logps``)."""
+    """``vocab_chunk``: ``config.vocab_chunk`` (``algorithms.common.token_logps``)."""
     coord = coord or COORDINATION_DEFAULTS
     logps_of = functools.partial(response_logps, graphdef, vocab_chunk=vocab_chunk)
 
@@ -91,7 +91,7 @@ def make_probe(config, graphdef):
     (``jaxrlhf.analysis.gradients``; the NLL term is not part of the split)."""
     d = config.dpo
     kw = dict(beta=d.beta, label_smoothing=d.label_smoothing, loss_type=d.loss_type)
-    logps_of = functools.partial(response_logps, graphdef, vocab_chunk=config.model.vocab_chunk)
+    logps_of = functools.partial(response_logps, graphdef, vocab_chunk=config.vocab_chunk)
 
     def probe(params, ref_params, batch):
         seq = pair_sequences(batch)
@@ -132,7 +132,7 @@ def build_loss(config, graphdef):
         loss_type=d.loss_type,
         nll_coef=d.nll_coef,
         coord=coord,
-        vocab_chunk=config.model.vocab_chunk,
+        vocab_chunk=config.vocab_chunk,
     )
     return fn, pair_denominators
 
@@ -204,7 +204,7 @@ def prepare(config, graphdef, params, train_it, eval_ds, mesh):
         return eval_ds, True
     if config.ref.ema_decay != 1.0 or config.ref.reset_every:
         raise ValueError("config.ref.precompute needs a frozen reference (ema_decay=1.0, reset_every=0)")
-    ref_logps = jax.jit(make_ref_logps_fn(graphdef, config.model.vocab_chunk))
+    ref_logps = jax.jit(make_ref_logps_fn(graphdef, config.vocab_chunk))
     train_it.dataset = WithReferenceLogps.compute(train_it.dataset, ref_logps, params, config, mesh)
     if eval_ds is not None:
         eval_ds = WithReferenceLogps.compute(eval_ds, ref_logps, params, config, mesh)

@@ -77,7 +77,7 @@ class Settings:
     gamma: float
     max_tokens: int
     temperature: float
-    vocab_chunk: int = 0  # config.model.vocab_chunk (algorithms.common.token_logps)
+    vocab_chunk: int = 0  # config.vocab_chunk (algorithms.common.token_logps)
 
     @property
     def rollout_rows(self) -> int:
@@ -116,7 +116,7 @@ def settings(config) -> Settings:
         gamma=float(g.gamma),
         max_tokens=gen.max_new_tokens,
         temperature=float(gen.temperature),
-        vocab_chunk=config.model.vocab_chunk,
+        vocab_chunk=config.vocab_chunk,
     )
 
 

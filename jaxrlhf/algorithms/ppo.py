@@ -77,7 +77,7 @@ def ppo_losses(
     ``kl_coef`` is a scalar argument of the update (used when ``cfg.kl_mode == "loss"``); the
     policy is the sampling distribution, logits / ``temperature`` (``generation.temperature``), as
     in the score phase, so the ratio is exactly 1 at the first minibatch; ``vocab_chunk``:
-    ``config.model.vocab_chunk`` (``algorithms.common.token_logps``).
+    ``config.vocab_chunk`` (``algorithms.common.token_logps``).
     """
     del ref_params, rng
     actor_gd, critic_gd = graphdefs
@@ -348,7 +348,7 @@ def build(config, mesh, tokenizer, prompts_ds):
         follow_reference=setup.reference_follows(config), guard=config.guard,
     )  # fmt: skip
     del params
-    chunk = config.model.vocab_chunk
+    chunk = config.vocab_chunk
     loss_fn = functools.partial(
         ppo_losses,
         graphdefs=(roles.actor_gd, roles.critic_gd),

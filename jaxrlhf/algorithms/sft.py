@@ -15,7 +15,7 @@ def sft_denominators(batch: dict) -> dict:
 
 
 def make_sft_loss(graphdef, *, vocab_chunk: int = 0):
-    """``vocab_chunk``: ``config.model.vocab_chunk`` (``algorithms.common.token_logps``)."""
+    """``vocab_chunk``: ``config.vocab_chunk`` (``algorithms.common.token_logps``)."""
 
     def loss_fn(params, ref_params, batch, denoms, rng):
         del ref_params, rng
@@ -27,7 +27,7 @@ def make_sft_loss(graphdef, *, vocab_chunk: int = 0):
 
 
 def build_loss(config, graphdef):
-    return make_sft_loss(graphdef, vocab_chunk=config.model.vocab_chunk), sft_denominators
+    return make_sft_loss(graphdef, vocab_chunk=config.vocab_chunk), sft_denominators
 
 
 ALGORITHM = Algorithm(

@@ -49,7 +49,7 @@ def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float, voc
 def build_loss(config, graphdef):
     s = config.simpo
     loss = make_simpo_loss(
-        graphdef, beta=s.beta, gamma=s.gamma, nll_coef=s.nll_coef, vocab_chunk=config.model.vocab_chunk
+        graphdef, beta=s.beta, gamma=s.gamma, nll_coef=s.nll_coef, vocab_chunk=config.vocab_chunk
     )
     return loss, pair_denominators
 

@@ -1,5 +1,5 @@
 r"""Large vocabularies: memory (and, on an idle machine, time) of a DPO step with the plain logits path
-against log-probs computed in vocabulary chunks (``config.model.vocab_chunk``).
+against log-probs computed in vocabulary chunks (``config.vocab_chunk``).
 
     python -m jaxrlhf.bench.vocab [--vocabs=32000,128256,151936] [--chunks=0,8192] [--layers=2]
         [--pairs=4] [--seq=512] [--time] [--out=docs/results/bench_vocab.json]
@@ -53,7 +53,7 @@ def build_step(vocab: int, chunk: int, layers: int):
     shape = dict(QWEN05, vocab_size=vocab, num_layers=layers)
     c = d.base("dpo")
     c.model = d.model(family="qwen2", **shape)
-    c.model.vocab_chunk = chunk
+    c.vocab_chunk = chunk
     make = lambda: models.init("qwen2", dtype=jnp.bfloat16, param_dtype=jnp.float32, **shape)
     graphdef, abs_state = nnx.split(nnx.eval_shape(make))
     loss_fn, denoms = dpo.build_loss(c, graphdef)

@@ -37,9 +37,6 @@ DATA_DEFAULTS = dict(
     # packed preference batches: row counts rounded up to this many fixed buckets (a run compiles at
     # most this many shapes; 0: the exact count of each batch). See jaxrlhf.data.packing.row_buckets.
     packed_row_buckets=4,
-    # batches the offline driver prepares (collation, device transfer) in a background thread while
-    # the current step runs; 0: none (prepared in the loop). See jaxrlhf.data.prefetch.
-    prefetch=2,
     bucket=True,
     shuffle=True,
     seed=0,

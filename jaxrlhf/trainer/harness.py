@@ -41,7 +41,8 @@ COMMON_RESUMABLE_KEYS = (
     "max_consecutive_skips",
     "compilation_cache_dir",
     "distributed.",
-    "data.prefetch",  # how far ahead batches are prepared, never which batches
+    "prefetch",  # how far ahead batches are prepared, never which batches
+    "vocab_chunk",  # how the log-softmax is tiled, never what it computes
 )
 
 # Keys added after runs were saved, with the value that means the behaviour those runs had: a

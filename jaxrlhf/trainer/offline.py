@@ -3,7 +3,7 @@
 
 Read top to bottom: start -> mesh -> data -> setup (model, loss, optimizer, state, jitted step) ->
 resume -> loop (step, log, evaluate, checkpoint) -> export. The loop's batches are prepared
-``config.data.prefetch`` steps ahead in a background thread (``jaxrlhf.data.prefetch``).
+``config.prefetch`` steps ahead in a background thread (``jaxrlhf.data.prefetch``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 from jaxrlhf import data as data_lib
 from jaxrlhf.analysis import gradients
 from jaxrlhf.data.prefetch import Prefetcher
-from jaxrlhf.data.sources import option
 from jaxrlhf.sharding import activation_mesh, make_mesh, replicated, shard_batch
 from jaxrlhf.trainer import harness, setup
 from jaxrlhf.trainer.logger import mean_metrics
@@ -76,7 +75,7 @@ def run(config, workdir: str, algorithm) -> dict[str, Any]:
             def evaluate(st):
                 return run_eval(eval_step, st, eval_ds, config.batch_size, eval_batches, mesh)
 
-        place, depth = functools.partial(shard_batch, mesh), int(option(config.data, "prefetch"))
+        place, depth = functools.partial(shard_batch, mesh), int(config.prefetch)
         with Prefetcher(train_it, place, depth, first_step=start + 1) as batches:
             state = train_loop(config, run_, t, batches, start, state, evaluate, (every, probe))
     run_.result.update(memory=t.step.memory, state=state, graphdef=t.graphdef, model_config=t.model_config)

@@ -47,7 +47,7 @@ from typing import Any
 
 from jaxrlhf.bench import results
 from jaxrlhf.bench import workload as wl
-from jaxrlhf.bench.compare import REPO, machine_info
+from jaxrlhf.bench.results import REPO, machine_info
 
 VOCABS = {"v2k": "cli-v2k", "qwen": "cli-qwen", "tiny": "cli-tiny"}  # --vocab -> workload name
 FRAMEWORKS = ("ours", "ours-padded", "trl")

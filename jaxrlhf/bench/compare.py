@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -43,8 +42,8 @@ from typing import Any
 
 from jaxrlhf.bench import results
 from jaxrlhf.bench import workload as wl
+from jaxrlhf.bench.results import REPO, machine_info
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FRAMEWORKS = ("ours", "ours-padded", "trl", "trl-bf16", "tunix")
 _MODULES = {
     "ours": "jaxrlhf.bench.ours",
@@ -96,27 +95,6 @@ def run_one(cmd: list[str], *, timeout: float) -> dict[str, Any]:
     except ValueError as e:
         out["error"] = str(e)
     return out
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, memory and OS: what the table was measured on."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem_gib, "os": platform.platform(),
-            "python": sys.version.split()[0]}  # fmt: skip
 
 
 def run_rounds(

@@ -21,9 +21,36 @@ Pure python (no numpy needed) so every venv can import it.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, memory and OS: what the table was measured on."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem_gib, "os": platform.platform(),
+            "python": sys.version.split()[0]}  # fmt: skip
+
 
 REQUIRED = {
     "framework": str,

@@ -132,14 +132,17 @@ def run_config(size_name: str, p: q.Paths, algo: str, overrides: dict, plan: Pla
     checkpoint every ``plan.*_ckpt_every`` (all kept)."""
     c = q.load_config(algo, size_name, p.workdir)
     s = q.SIZES[size_name]
-    every = plan.dpo_ckpt_every if algo == "dpo" else plan.ppo_ckpt_every
-    total = s.dpo_steps if algo == "dpo" else s.ppo_iterations
+    arm = {  # the two arms: probe / checkpoint / log cadence in each driver's unit
+        "dpo": dict(every=plan.dpo_ckpt_every, total=s.dpo_steps, probe=plan.dpo_probe_every,
+                    log=max(1, s.dpo_steps // 8)),
+        "ppo": dict(every=plan.ppo_ckpt_every, total=s.ppo_iterations, probe=1, log=1),
+    }[algo]  # fmt: skip
     flat = {
-        "analysis.every": plan.dpo_probe_every if algo == "dpo" else 1,
-        "checkpoint.every": every,
-        "checkpoint.keep": total // every + 2,
+        "analysis.every": arm["probe"],
+        "checkpoint.every": arm["every"],
+        "checkpoint.keep": arm["total"] // arm["every"] + 2,
         "checkpoint.async_save": False,
-        "log_every": 1 if algo == "ppo" else max(1, s.dpo_steps // 8),
+        "log_every": arm["log"],
         "compilation_cache_dir": cache,
     }
     with c.unlocked():  # the quickstart's dpo section lists no coordination keys (absent: plain DPO)
@@ -183,8 +186,10 @@ def probes_of(result: dict, algo: str, s: q.Sizes) -> list[dict[str, float]]:
 
     DPO probes the state that step ``i`` updates (``i - 1`` steps done); PPO probes iteration ``i``'s
     pre-update actor (``(i - 1) * steps_per_iteration`` steps done)."""
+    from jaxrlhf import registry
+
     out = []
-    if algo == "dpo":
+    if registry.get(algo).unit == "step":  # the offline driver logs probes apart from its history
         for rec in result.get("analysis", []):
             m = {k.removeprefix("analysis/"): float(v) for k, v in rec.items() if k.startswith("analysis/")}
             out.append({"step": int(rec["step"]) - 1, **m})

@@ -266,7 +266,7 @@ def test_divergence_dirs_equals_numpy_on_safetensors(saved_pair, tmp_path):
     assert os.path.getsize(str(tmp_path / "two.png")) > 0
 
 
-def test_divergence_of_run_checkpoints_equals_numpy_on_exports(saved_pair, tmp_path):
+def test_divergence_of_run_checkpoints_equals_numpy_on_exports(saved_pair, tmp_path, monkeypatch):
     """Checkpoints written by the trainer's writer (TrainState with Adam state and a reference);
     each step's MSEs == numpy on the HF export of the same params."""
     import ml_collections
@@ -305,9 +305,11 @@ def test_divergence_of_run_checkpoints_equals_numpy_on_exports(saved_pair, tmp_p
     assert got["weights_mean"][1] > got["weights_mean"][0] > 0
     assert {p["params_key"] for p in got["points"]} == {"params"}  # not ref_params, not opt_state/mu
     # an explicit subtree: the frozen reference (== the base) diverges by exactly 0
-    argv = ["divergence", f"--base={base_dir}", "--run", workdir, "--params_key=ref_params"]
+    # (a run directory given relative to the working directory: orbax needs absolute paths)
+    monkeypatch.chdir(tmp_path)
+    argv = ["divergence", f"--base={base_dir}", "--run", "run", "--params_key=ref_params"]
     assert cli.main(argv + [f"--out={tmp_path / 'ref.json'}"]) == 0
-    ref_curve = read_json(str(tmp_path / "ref.json"))["runs"][workdir]
+    ref_curve = read_json(str(tmp_path / "ref.json"))["runs"]["run"]
     assert ref_curve["weights_mean"] == [0.0, 0.0] and ref_curve["biases_mean"] == [0.0, 0.0]
     assert os.path.getsize(str(tmp_path / "runs.png")) > 0
 

@@ -239,7 +239,8 @@ def flat_params(tree: Any) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------ run checkpoints
 def run_checkpoints(workdir: str) -> list[tuple[int, str]]:
     """``[(step, state_dir), ...]`` of the complete orbax checkpoints under ``workdir/checkpoints``."""
-    root = os.path.join(workdir, "checkpoints")
+    # absolute: orbax's metadata() of a relative checkpoint path has no item metadata
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no checkpoints directory (is {workdir} a run directory?)")
     out = []
@@ -259,7 +260,7 @@ def _saved_names(state_dir: str) -> dict[str, Any]:
 
     from jaxrlhf.sharding import path_str
 
-    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.abspath(state_dir)).item_metadata.tree
     return {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -310,7 +311,8 @@ def restore_params(state_dir: str, expected: Iterable[str], key: str) -> dict[st
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
     args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+        os.path.abspath(state_dir),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
     )
     flat = flat_params(restored)
     return {e: flat[f"{key}/{e}"] for e in expected}

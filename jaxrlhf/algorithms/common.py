@@ -92,8 +92,8 @@ def sequence_scores(scores: jax.Array, attention_mask: jax.Array, segment_ids=No
 def output_layer(model) -> tuple[jax.Array, int]:
     """The LM head's weight and its vocabulary axis: the untied ``lm_head`` kernel ``[E, V]`` (axis 1)
     or the tied input embedding ``[V, E]`` (axis 0; Qwen2.5 small models, Llama-3.2, GPT-2's wte)."""
-    if model.lm_head is not None:
-        return model.lm_head.kernel[...], 1
+    if model.lm_head is not None:  # effective: an lm_head that LoRA targets carries adapters
+        return model.lm_head.effective_kernel(), 1
     return model.embed[...], 0
 
 

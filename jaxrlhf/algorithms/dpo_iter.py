@@ -97,7 +97,7 @@ def make_pairs(ph, state, host, config, mesh, rnd: int):
     ic = config.dpo_iter
     rep = rollout.repeat_prompts(host, ic.samples_per_prompt)
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), rnd)
-    full = setup.full_params(config, state.params, state.frozen)  # LoRA: adapters merged once per round
+    full = setup.full_params(config, state.params, state.frozen)  # LoRA: adapters applied unmerged
     out, seq, t_gen = rollout.generate(ph["sampler"], full, rep, mesh, rng)
     del full
     index = rollout.global_index(mesh, rep["index"])

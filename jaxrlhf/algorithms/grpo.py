@@ -313,7 +313,7 @@ def make_probe(graphdef, s: Settings, mesh):
 
 def probe_iteration(config, s: Settings, ph, view, trainable, batch: dict, it: int) -> dict[str, float]:
     """Every ``config.analysis.every`` iterations: the decomposition on the first minibatch at the
-    pre-update actor (``view``; LoRA: merged weights) and the stability of the trainable actor's
+    pre-update actor (``view``; LoRA: the adapters' gradient) and the stability of the trainable actor's
     update direction; ``{}`` otherwise."""
     if ph.probe is None or it % config.analysis.every:
         return {}
@@ -398,7 +398,7 @@ def iteration(config, s: Settings, ph: Phases, state, host_prompts, mesh, it: in
     with ``rollout`` the host arrays of this iteration (score, advantages, keep, action mask)."""
     gen_rng, train_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 1), it))
     prompts = rollout.repeat_prompts(host_prompts, s.samples_per_prompt)
-    # LoRA: the adapters merged into the base once per rollout (``setup.full_params``).
+    # LoRA: the adapters applied unmerged over the frozen base (``setup.full_params``).
     view = state.replace(
         params=setup.full_params(config, state.params, state.frozen),
         ref_params=setup.reference_params(config, state, actor_of),

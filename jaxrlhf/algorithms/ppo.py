@@ -421,7 +421,7 @@ def iteration(config, ph: Phases, state, side: dict, host_prompts, mesh, it: int
     """One PPO iteration: generate -> score -> advantages -> update; returns ``(state, side, metrics)``."""
     pc = config.ppo
     gen_rng, train_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 1), it))
-    # LoRA: the adapters merged into the base once per rollout (``setup.full_params``).
+    # LoRA: the adapters applied unmerged over the frozen base (``setup.full_params``).
     view = state.replace(
         params=setup.full_params(config, state.params, state.frozen),
         ref_params=setup.reference_params(config, state, actor_of),
@@ -457,7 +457,7 @@ def iteration(config, ph: Phases, state, side: dict, host_prompts, mesh, it: int
 
 def probe_iteration(config, ph: Phases, state, batch: dict, adv: dict, it: int) -> dict[str, float]:
     """Every ``config.analysis.every`` iterations: the decomposition on the rollout's first
-    ``minibatch_size`` rows at the pre-update actor (LoRA: merged weights) and the stability of the
+    ``minibatch_size`` rows at the pre-update actor (LoRA: the adapters' gradient) and the stability of the
     actor's update direction; ``{}`` otherwise."""
     if ph.probe is None or it % config.analysis.every:
         return {}

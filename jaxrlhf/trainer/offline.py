@@ -148,7 +148,7 @@ def make_probe(config, algorithm, t, mesh):
     decompose = algorithm.probe(config, t.graphdef)
 
     def fn(params, ref_params, frozen, batch):
-        if t.views is not None and frozen is not None:  # LoRA: the gradient w.r.t. the merged weights
+        if t.views is not None and frozen is not None:  # LoRA: the adapters' gradient
             params, ref_params = t.views(params, ref_params, frozen)
         with activation_mesh(mesh):
             return decompose(params, ref_params, batch)

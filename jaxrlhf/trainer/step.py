@@ -110,7 +110,7 @@ def make_train_step(
     (PPO trains ``{"actor", "critic"}`` and keeps a reference of the actor only).
 
     ``views(params, ref_params, frozen) -> (params, ref_params)`` gives what the loss sees when the
-    state has a frozen part (LoRA: the base with the adapters merged in, ``jaxrlhf.lora``);
+    state has a frozen part (LoRA: the base, with the adapters applied over it, ``lora.adapt``);
     gradients, the optimizer and the reference then cover the trainable ``params`` only.
 
     Divergence guard (``jaxrlhf.trainer.guard``; ``guard_factor > 0`` or ``guard_loss_factor > 0``,

@@ -44,6 +44,12 @@ def _render_module(module: str):
     return render
 
 
+def _render_e6(res):
+    from jaxrlhf.experiments import e6_arike
+
+    return e6_arike.tables_markdown(res)
+
+
 def _render_quickstart(res):
     from jaxrlhf import quickstart
 
@@ -58,6 +64,8 @@ TABLES = {
     "e4": (_render_module("e4_ablations"), ["docs/experiments_e4_e5.md"]),
     "e5": (_render_module("e5_verifiable"), ["docs/experiments_e4_e5.md"]),
     "e8": (_render_module("e8_critic_free"), ["docs/grpo.md"]),
+    "e6": (_render_e6, ["docs/experiments_e6.md"]),
+    "e7": (_render_module("e7_wang"), ["docs/experiments_e7.md"]),
     "quickstart": (_render_quickstart, ["docs/quickstart.md"]),
 }
 

@@ -85,6 +85,9 @@ def model(path: str = "", family: str = "llama", **init) -> ml_collections.Confi
     m.dtype = "bfloat16"  # activation / compute dtype
     m.param_dtype = "float32"  # master weights
     m.remat = False  # gradient checkpointing per block
+    # attention kernel of the full forward: "portable" (every platform), "xla" or "cudnn"
+    # (jax.nn.dot_product_attention; cudnn = the fused GPU kernel, bf16/fp16)
+    m.attention = "portable"
     return m
 
 

@@ -18,12 +18,13 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrlhf.models.config import FAMILIES, PRESETS, ModelConfig
+from jaxrlhf.models.config import ATTENTION_IMPLS, FAMILIES, PRESETS, ModelConfig
 from jaxrlhf.models.hf_io import from_pretrained, load_config, save_pretrained, weight_groups
 from jaxrlhf.models.modeling import Transformer, count_params, flops_per_token
 from jaxrlhf.models.sharding_rules import partition_rules
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "FAMILIES",
     "ModelConfig",
     "Transformer",

@@ -44,6 +44,9 @@ def _dtype_name(d: Any) -> str:
     return jnp.dtype(d).name
 
 
+ATTENTION_IMPLS = ("portable", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture + numerics of a decoder. All fields hashable.
@@ -72,6 +75,10 @@ class ModelConfig:
       head: ``None`` (LM head, logits) or ``"scalar"`` (``score`` head, one float per token).
       dtype, param_dtype: activation and parameter dtype names (``"float32"``, ``"bfloat16"``).
       remat: gradient-checkpoint every block (``nnx.remat``) in the training forward.
+      attention: the attention kernel of the full (uncached) forward: ``"portable"`` (ours: causal
+        query chunks, FlashAttention-style backward; every platform), ``"xla"`` or ``"cudnn"``
+        (``jax.nn.dot_product_attention`` with that implementation; cuDNN's fused kernel needs an
+        NVIDIA GPU and bf16/fp16). A runtime choice, not written to ``config.json``.
     """
 
     family: str
@@ -107,8 +114,11 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention: str = "portable"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {list(FAMILIES)}")
         if self.head not in HEADS:

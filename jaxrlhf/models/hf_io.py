@@ -424,6 +424,7 @@ def from_pretrained(
     remat: bool = False,
     seed: int = 0,
     config_key: str | None = None,
+    attention: str = "portable",
 ) -> Transformer:
     """Loads an HF checkpoint (local dir or hub id) into a ``Transformer``.
 
@@ -439,6 +440,7 @@ def from_pretrained(
       allow_pickle: permit ``*.bin`` pickle weights (``torch.load(weights_only=True)``).
       remat: gradient-checkpoint each block in the forward.
       seed: seed of a freshly initialised scalar head.
+      attention: the attention kernel (``ModelConfig.attention``).
       config_key: the config key ``path`` came from (``"model.path"``), named in the error when a
         local-looking ``path`` does not exist (a hub id is only tried for strings shaped like one).
     Raises:
@@ -448,7 +450,8 @@ def from_pretrained(
     from jaxrlhf.models.sharding_rules import partition_rules
 
     local = _resolve(path, allow_pickle, config_key)
-    cfg = load_config(local, head=head, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    opts = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    cfg = load_config(local, head=head, **opts)
     ckpt = _Checkpoint(local, allow_pickle)
 
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))

@@ -249,10 +249,16 @@ def _softmax_attention_bwd(res, do):
     q, k, v, allowed, o, lse = res
     dt, f32 = q.dtype, jnp.float32
     p = jnp.exp(_scaled_scores(q, k, allowed) - lse)
+    # A row with no allowed key was the mean of the values (uniform p); its lse = NEG_INF + log S
+    # rounds to NEG_INF in float32, so recompute that p exactly.
+    none = ~jnp.any(allowed, axis=-1)[:, None, None, :, None]  # [B,1,1,T,1]
+    p = jnp.where(none, 1.0 / k.shape[2], p)
     dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(dt), do, preferred_element_type=f32)
     dp = jnp.einsum("bkgtd,bksd->bkgts", do, v, preferred_element_type=f32)
     delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta) * (1.0 / math.sqrt(q.shape[-1]))).astype(dt)
+    # Masked scores are constants: no gradient to q or k through them. (Only a row with no allowed
+    # key has p > 0 there: its output is the mean of the values, whatever q and k.)
+    ds = jnp.where(allowed[:, None, None], p * (dp - delta) * (1.0 / math.sqrt(q.shape[-1])), 0.0).astype(dt)
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=f32)
     return dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -261,7 +267,7 @@ def _softmax_attention_bwd(res, do):
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, causal: bool = False):
+def attend(q, k, v, allowed: jax.Array, *, causal: bool = False, impl: str = "portable") -> jax.Array:
     """Masked softmax attention with GQA.
 
     Args:
@@ -270,10 +276,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, caus
       causal: the caller guarantees ``T == S`` and ``allowed[:, t, s]`` is False for ``s > t`` (the
         full forward). Queries are then processed in chunks (``attention_chunks``), each against the
         keys up to its last query only, so the masked upper triangle is mostly never computed.
+      impl: ``"portable"`` (the above) or ``"xla"`` / ``"cudnn"``: ``jax.nn.dot_product_attention``
+        with that implementation, the same masked softmax (tested equal to the portable path).
     Returns:
       ``[B, T, H, D]`` in ``q.dtype`` (``softmax_attention``). A query with no allowed key gets the
       mean of the values it was scored against (finite, never NaN).
     """
+    if impl != "portable":
+        return fused_attention(q, k, v, allowed, impl)
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
@@ -289,6 +299,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, caus
         )
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl: str) -> jax.Array:
+    """``attend`` through ``jax.nn.dot_product_attention(implementation=impl)`` (``"xla"`` or
+    ``"cudnn"``: the platform's fused kernel). Same shapes and mask; a query with no allowed key gets
+    the mean of the values, as in the portable path."""
+    kt, vt = k.astype(q.dtype), v.astype(q.dtype)
+    none = ~jnp.any(allowed, axis=-1)  # [B,T] queries with no allowed key (padding)
+    mask = (allowed | none[:, :, None])[:, None]  # [B,1,T,S]: such a row attends everything...
+    out = jax.nn.dot_product_attention(q, kt, vt, mask=mask, implementation=impl)
+    h, kh = q.shape[2], k.shape[2]
+    mean_v = jnp.repeat(jnp.mean(vt.astype(jnp.float32), axis=1), h // kh, axis=1)  # [B,H,D]
+    out = jnp.where(none[:, :, None, None], mean_v[:, None].astype(out.dtype), out)  # ...uniformly
+    return out.astype(q.dtype)
 
 
 def window_mask(q_slots: jax.Array, k_slots: jax.Array, window: int | None) -> jax.Array:
@@ -364,6 +388,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.parallel = cfg.parallel_residual
         self.window = cfg.layer_window(layer_idx)
+        self.attention_impl = cfg.attention
 
     def __call__(self, x, cos, sin, allowed, kv_fn=None, head_mask=None):
         """``x [B,T,E]``; ``allowed [B,T,S]``; ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache;
@@ -373,7 +398,9 @@ class Block(nnx.Module):
         if kv_fn is not None:
             k, v, new_kv = kv_fn(k, v)
         # No cache: the full forward, whose mask is causal by construction (``Transformer.__call__``).
-        o = attend(q, k, v, allowed, causal=kv_fn is None)  # [B,T,H,D]
+        # The KV-cache forward (decoding) keeps the portable kernel; the full forward can use a fused one.
+        impl = self.attention_impl if kv_fn is None else "portable"
+        o = attend(q, k, v, allowed, causal=kv_fn is None, impl=impl)  # [B,T,H,D]
         if head_mask is not None:
             o = o * head_mask.astype(o.dtype)[None, None, :, None]
         a = self.attn.out(o)

@@ -58,7 +58,10 @@ def load_model(config, mcfg, mesh, *, head=None, config_key: str = "model.path")
     ``config.seed``). ``config_key`` names the key in errors about the path.
     """
     dtype, param_dtype = DTYPES[mcfg.dtype], DTYPES[mcfg.param_dtype]
-    remat = mcfg.remat
+    remat, attention = mcfg.remat, mcfg.attention
+    if attention not in models.ATTENTION_IMPLS:
+        key = config_key.rsplit(".", 1)[0] + ".attention"
+        raise ValueError(f"config.{key}={attention!r}: expected one of {models.ATTENTION_IMPLS}")
     if mcfg.path:
         probe = models.load_config(mcfg.path, head=head, config_key=config_key)
         rules = partition_rules(config, probe)
@@ -71,6 +74,7 @@ def load_model(config, mcfg, mesh, *, head=None, config_key: str = "model.path")
             rules=rules,
             remat=remat,
             config_key=config_key,
+            attention=attention,
         )
         graphdef, state = nnx.split(model)
         return graphdef, nnx.to_pure_dict(state), model.config
@@ -84,6 +88,7 @@ def load_model(config, mcfg, mesh, *, head=None, config_key: str = "model.path")
             param_dtype=param_dtype,
             head=head,
             remat=remat,
+            attention=attention,
             **overrides,
         )
 

@@ -10,7 +10,8 @@ Each run is a fresh process, as a user starts it, nothing precompiled and no com
 
 - ``ours``: ``python -m jaxrlhf.train --config=configs/bench/<task>_<vocab>.py:<workload dir>
   --workdir=<fresh dir> --config.total_steps=N --config.log_every=K`` (packed batches, the
-  default bucketed row counts and prefetch); ``ours-padded`` adds ``--config.data.packing=False``;
+  default bucketed row counts and prefetch); ``ours-padded`` adds ``--config.data.packing=False``,
+  ``ours-lora16`` adds ``--config.lora.rank=16``;
 - ``trl``: ``python -m jaxrlhf.bench.peer_trl --wrap --warmup 0 --steps N`` in ``.venv-bench``
   (TRL's ``DPOTrainer`` / ``RewardTrainer`` configured as in ``peer_trl``), skipped with "trl venv
   not found" when that venv is absent.
@@ -50,7 +51,12 @@ from jaxrlhf.bench import workload as wl
 from jaxrlhf.bench.results import REPO, machine_info
 
 VOCABS = {"v2k": "cli-v2k", "qwen": "cli-qwen", "tiny": "cli-tiny"}  # --vocab -> workload name
-FRAMEWORKS = ("ours", "ours-padded", "trl")
+FRAMEWORKS = ("ours", "ours-padded", "ours-lora16", "trl")
+_OURS_FLAGS = {
+    "ours": [],
+    "ours-padded": ["--config.data.packing=False"],
+    "ours-lora16": ["--config.lora.rank=16"],
+}
 SKIP_WINDOWS = 2
 
 
@@ -87,12 +93,12 @@ def train_config(task: str, vocab: str, workload_dir: str | None = None):
 def command(framework: str, *, task: str, vocab: str, root: str, steps: int, log_every: int, workdir: str,
             pythons: dict) -> list[str]:  # fmt: skip
     """The argv of one run."""
-    if framework in ("ours", "ours-padded"):
+    if framework in _OURS_FLAGS:
         name = "v2k" if vocab == "tiny" else vocab  # the tiny workload: a v2k config on its directory
         cfg = os.path.join(REPO, "configs", "bench", f"{task}_{name}.py") + ":" + bench_dir(root, vocab)
         cmd = [pythons["ours"], "-m", "jaxrlhf.train", f"--config={cfg}", f"--workdir={workdir}",
                f"--config.total_steps={steps}", f"--config.log_every={log_every}"]  # fmt: skip
-        return cmd + (["--config.data.packing=False"] if framework == "ours-padded" else [])
+        return cmd + _OURS_FLAGS[framework]
     if framework == "trl":
         return [pythons["trl"], "-m", "jaxrlhf.bench.peer_trl", "--task", task, "--workdir",
                 bench_dir(root, vocab), "--warmup", "0", "--steps", str(steps), "--wrap"]  # fmt: skip

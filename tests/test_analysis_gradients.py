@@ -233,3 +233,50 @@ def test_grpo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch)
         cos = m["analysis/grad_cos_pos_neg"]
         assert tot**2 == pytest.approx(pos**2 + neg**2 + 2 * pos * neg * cos, rel=1e-4)
     assert "analysis/update_cos_prev_window" in res["history"][1]
+
+
+def test_simpo_decomposition_total_is_the_loss_gradient_and_weights_are_sigmoid():
+    """SimPO's probe: the total gradient equals autodiff through the SimPO loss, positive + negative
+    add up to it, and the pair weights are sigma(-z) by a numpy formula on the policy's log-probs."""
+    from jaxrlhf import config_defaults as d
+    from jaxrlhf.algorithms import common, simpo
+    from jaxrlhf.analysis.trees import tree_norm
+    from jaxrlhf.sharding import make_mesh
+    from jaxrlhf.trainer import setup
+
+    c = d.base("simpo")
+    c.model = d.model(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2
+    )
+    c.model.dtype = "float32"
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    c.simpo = d.simpo(beta=2.0, gamma=0.5, nll_coef=0.0)
+    graphdef, params, _ = setup.load_model(c, c.model, make_mesh(c.mesh))
+    rng = np.random.default_rng(2)
+    B, T = 6, 12
+
+    def half():
+        ids = rng.integers(3, 64, size=(B, T)).astype(np.int32)
+        am, lm = np.ones((B, T), np.int32), np.zeros((B, T), np.int32)
+        for i in range(B):  # responses of different lengths: the length normalisation matters
+            lm[i, 4 : 5 + int(rng.integers(1, T - 5))] = 1
+        return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+
+    ch, rj = half(), half()
+    batch = {**{f"chosen_{k}": v for k, v in ch.items()}, **{f"rejected_{k}": v for k, v in rj.items()}}
+    loss_fn, denoms = simpo.build_loss(c, graphdef)
+    g = jax.grad(lambda p: loss_fn(p, None, batch, denoms(batch), jax.random.key(0))[0])(params)
+    out = simpo.make_probe(c, graphdef)(params, None, batch)
+    keys = ("grad_norm_total", "grad_norm_pos", "grad_norm_neg", "grad_cos_pos_neg")
+    tot, pos, neg, cos = (float(out[f"analysis/{k}"]) for k in keys)
+    np.testing.assert_allclose(tot, float(tree_norm(g)), rtol=1e-5)
+    assert tot**2 == pytest.approx(pos**2 + neg**2 + 2 * pos * neg * cos, rel=1e-4)
+    # sigma(-z), z = beta (lp_c / |y_c| - lp_r / |y_r|) - gamma, from the per-sequence log-probs
+    seq = common.pair_sequences(batch)
+    lp = np.asarray(common.response_logps(graphdef, params, seq), np.float64)
+    n = np.concatenate([ch["loss_mask"][:, 1:].sum(1), rj["loss_mask"][:, 1:].sum(1)]).astype(np.float64)
+    z = 2.0 * (lp[:B] / n[:B] - lp[B:] / n[B:]) - 0.5
+    w = np.sort(1.0 / (1.0 + np.exp(z)))
+    thirds = {"bot": w[:2].mean(), "mid": w[2:4].mean(), "top": w[4:].mean()}
+    for k, v in thirds.items():
+        assert float(out[f"analysis/weight_mean_{k}"]) == pytest.approx(v, rel=1e-4), k

@@ -108,16 +108,7 @@ def make_probe(config, graphdef):
             c, r = split_pairs(logps_of(p, seq), batch)
             return jnp.sum(w * (masks[0] * c - masks[1] * r))
 
-        one, zero = jnp.ones_like(w), jnp.zeros_like(w)
-        masks = {"total": (one, one), "pos": (one, zero), "neg": (zero, one)}
-        masks.update({k: (m, m) for k, m in gradients.thirds(jnp.abs(w), one).items()})
-        out = gradients.decompose(surrogate, params, masks)
-        for k, (m, _) in masks.items():
-            if k in ("top", "mid", "bot"):
-                out[f"analysis/weight_mean_{k}"] = (
-                    jnp.sum(m * jnp.abs(w)) * w.shape[0] / jnp.maximum(m.sum(), 1)
-                )
-        return out
+        return gradients.decompose_by_pair_weight(surrogate, params, w * w.shape[0])
 
     return probe
 

@@ -9,6 +9,9 @@ No reference is kept in the train state.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from jaxrlhf import config_sections as sections
@@ -22,6 +25,7 @@ from jaxrlhf.algorithms.common import (
     response_token_counts,
     split_pairs,
 )
+from jaxrlhf.analysis import gradients
 from jaxrlhf.trainer import offline
 
 
@@ -46,6 +50,36 @@ def make_simpo_loss(graphdef, *, beta: float, gamma: float, nll_coef: float, voc
     return loss_fn
 
 
+def make_probe(config, graphdef):
+    """``probe(params, ref_params, batch) -> metrics``: the SimPO term's gradient split into positive
+    (chosen) and negative (rejected) learning and TOP/MID/BOT thirds of pairs by the loss weight
+    ``σ(-z)``, ``z = β/|y_w| log π(y_w) - β/|y_l| log π(y_l) - γ`` (``jaxrlhf.analysis.gradients``;
+    the NLL term is not part of the split)."""
+    s = config.simpo
+    logps_of = functools.partial(response_logps, graphdef, vocab_chunk=config.vocab_chunk)
+
+    def probe(params, ref_params, batch):
+        del ref_params
+        seq = pair_sequences(batch)
+        pol_c, pol_r = split_pairs(logps_of(params, seq), batch)
+        len_c, len_r = split_pairs(response_token_counts(seq), batch)
+
+        def loss(c, r):
+            return jnp.mean(losses.simpo_loss(c, r, len_c, len_r, beta=s.beta, gamma=s.gamma))
+
+        # d loss / d log pi(y_w) = -σ(-z) β / (P |y_w|), d loss / d log pi(y_l) = +σ(-z) β / (P |y_l|)
+        g_c, g_r = jax.lax.stop_gradient(jax.grad(loss, (0, 1))(pol_c, pol_r))
+        weight = -g_c * g_c.shape[0] * jnp.maximum(len_c, 1) / s.beta  # σ(-z) per pair
+
+        def surrogate(p, masks):
+            c, r = split_pairs(logps_of(p, seq), batch)
+            return jnp.sum(masks[0] * g_c * c + masks[1] * g_r * r)
+
+        return gradients.decompose_by_pair_weight(surrogate, params, weight)
+
+    return probe
+
+
 def build_loss(config, graphdef):
     s = config.simpo
     loss = make_simpo_loss(
@@ -61,6 +95,7 @@ ALGORITHM = Algorithm(
     uses_reference=False,
     run=offline.run,
     build_loss=build_loss,
+    probe=make_probe,
     sections={"simpo": sections.simpo},
     run_keys=sections.offline_run_keys,
     resumable_keys=("total_steps", "eval_every", "eval_batches"),

@@ -68,6 +68,20 @@ def decompose_by_advantage(surrogate, params, valid: jax.Array, adv: jax.Array, 
     return out
 
 
+def decompose_by_pair_weight(surrogate, params, weight: jax.Array) -> dict:
+    """The DPO family: ``decompose`` over pairs, positive (chosen terms) / negative (rejected terms)
+    and TOP/MID/BOT pairs by ``|weight|`` ``[P]`` (the per-pair loss weight), plus each third's mean
+    ``|weight|`` (``analysis/weight_mean_<third>``). ``surrogate(params, (chosen_mask, rejected_mask))``."""
+    one, zero = jnp.ones_like(weight), jnp.zeros_like(weight)
+    masks = {"total": (one, one), "pos": (one, zero), "neg": (zero, one)}
+    masks.update({k: (m, m) for k, m in thirds(jnp.abs(weight), one).items()})
+    out = decompose(surrogate, params, masks)
+    for k in ("top", "mid", "bot"):
+        m = masks[k][0]
+        out[f"analysis/weight_mean_{k}"] = jnp.sum(m * jnp.abs(weight)) / jnp.maximum(m.sum(), 1)
+    return out
+
+
 class TargetStability:
     """Cosines of the update over each probing window with the previous window's update
     (``analysis/update_cos_prev_window``) and with the displacement from the start of training

@@ -63,7 +63,6 @@ OPTIM = (
 
 MODEL = (
     Rule("remat", bool),
-    Rule("attention", str),  # one of models.ATTENTION_IMPLS (checked when the model is built)
     Rule("init.vocab_size", int, AT_LEAST_1),
     Rule("init.hidden_size", int, AT_LEAST_1),
     Rule("init.intermediate_size", int, AT_LEAST_1),

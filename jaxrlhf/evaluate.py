@@ -121,7 +121,8 @@ def evaluate(
     ref_path = reference or baseline
     if ref_path:
         ref_gd, ref_params = load_policy(ref_path, dtype, mesh)
-        lp = jax.jit(functools.partial(response_logps, vocab_chunk=config.vocab_chunk), static_argnums=0)
+        chunk = config.get("vocab_chunk", 0)  # 0 for a config without it (a reward-model config)
+        lp = jax.jit(functools.partial(response_logps, vocab_chunk=chunk), static_argnums=0)
         kls = [
             gather(lp(graphdef, params, p["seq"]) - lp(ref_gd, ref_params, p["seq"])).reshape(-1, samples)[
                 :, 0

@@ -251,8 +251,10 @@ def test_no_file_is_written_outside_the_sandbox(humaneval, sb):
         open_dir.rmdir()
 
 
-def test_environment_stdin_cwd_uid_and_limits(sb, monkeypatch):
+def test_environment_stdin_cwd_uid_and_limits(sb, monkeypatch, tmp_path):
     monkeypatch.setenv("JAXRLHF_PROBE_SECRET", "leaked")
+    # this test's own temp root: another xdist worker's sandboxes must not count as leftovers
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     limits = {"RLIMIT_AS": 512 << 20, "RLIMIT_NPROC": None, "RLIMIT_FSIZE": 16 << 20, "RLIMIT_NOFILE": 64}
     probe = f"""
 import os, resource, sys

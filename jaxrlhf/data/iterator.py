@@ -100,7 +100,7 @@ class BatchIterator:
         drop_remainder: bool = True,
         micro_batches: int = 1,
         row_multiple: int = 1,
-        packed_row_buckets: int = 4,
+        packed_row_buckets: int | None = None,
     ):
         given = dict(seed=seed, shuffle=shuffle, bucket=bucket, packing=packing)
         fallback = dict(seed=0, shuffle=True, bucket=False, packing=False)
@@ -108,6 +108,8 @@ class BatchIterator:
             k: v if v is not None else dataset.iterator_defaults.get(k, fallback[k]) for k, v in given.items()
         }
         seed, shuffle, bucket, packing = opts["seed"], opts["shuffle"], opts["bucket"], opts["packing"]
+        if packed_row_buckets is None:
+            packed_row_buckets = dataset.iterator_defaults.get("packed_row_buckets", 4)
         if process_index is None or process_count is None:
             import jax
 

@@ -167,7 +167,8 @@ class TokenizedDataset:
       pad_id, eos_id: from the tokenizer (``pad_id`` may equal ``eos_id``; masks never use it).
       max_length, max_prompt_length: the length policy the examples satisfy.
       drop_stats, edit_stats: :class:`DropStats` of dropped and of altered rows.
-      iterator_defaults: ``seed``, ``shuffle``, ``bucket``, ``packing`` from ``config.data``; a
+      iterator_defaults: ``seed``, ``shuffle``, ``bucket``, ``packing``, ``packed_row_buckets`` from
+        ``config.data``; a
         ``BatchIterator`` uses them for the arguments it is not given.
     """
 
@@ -458,7 +459,8 @@ class _Builder:
             k: option(cfg, k)
             for k in ("max_prompt_length", "max_length", "truncation", "response_truncation", "strict")
         }
-        self.iter_defaults = {k: option(cfg, k) for k in ("seed", "shuffle", "bucket", "packing")}
+        keys = ("seed", "shuffle", "bucket", "packing", "packed_row_buckets")
+        self.iter_defaults = {k: option(cfg, k) for k in keys}
         self.start = start_ids(tokenizer)
         self.eos = tokenizer.eos_token_id
         if self.eos is None:

@@ -96,7 +96,7 @@ ALGORITHM = Algorithm(
     run=offline.run,
     build_loss=build_loss,
     probe=make_probe,
-    sections={"simpo": sections.simpo},
+    sections={"simpo": sections.simpo, "analysis": sections.analysis},
     run_keys=sections.offline_run_keys,
     resumable_keys=("total_steps", "eval_every", "eval_batches"),
 )

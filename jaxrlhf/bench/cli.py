@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import statistics
@@ -369,15 +368,7 @@ def main(argv=None) -> dict[str, Any]:
         "rounds": a.rounds, "steps": a.steps, "log_every": a.log_every, "frameworks": frameworks,
         "notes": notes, "aggregate": aggregate(runs), "runs": runs,
     }  # fmt: skip
-    os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, "bench_cli")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    md = render_markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {base}.json and {base}.md")
+    results.write_report(a.out, "bench_cli", report, render_markdown(report))
     return report
 
 

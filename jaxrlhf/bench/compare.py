@@ -32,7 +32,6 @@ the exact commands) and ``<out>/bench_compare_<task>.md`` (the table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -244,15 +243,7 @@ def main(argv=None) -> dict[str, Any]:
         "aggregate": agg,
         "runs": runs,
     }
-    os.makedirs(a.out, exist_ok=True)
-    base = os.path.join(a.out, f"bench_compare_{a.task}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    md = render_markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {base}.json and {base}.md")
+    results.write_report(a.out, f"bench_compare_{a.task}", report, render_markdown(report))
     return report
 
 

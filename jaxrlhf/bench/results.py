@@ -31,6 +31,18 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def write_report(out_dir: str, name: str, report: dict[str, Any], md: str) -> None:
+    """Writes ``<out_dir>/<name>.json`` (the report) and ``<name>.md`` (``md``), prints both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {base}.json and {base}.md")
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, memory and OS: what the table was measured on."""
     cpu = platform.processor() or "unknown"

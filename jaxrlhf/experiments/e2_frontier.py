@@ -31,27 +31,8 @@ from typing import Any
 # Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
 from jaxrlhf import config_defaults as d
 from jaxrlhf import quickstart as q
+from jaxrlhf.experiments.common import MINI, base_stages, seed_paths, train
 
-# Sizes: "mini" keeps the quickstart's model (64-wide, 2-layer Llama) but trains ~1/4 as long, so
-# that E2 and E3 with 3 seeds each fit ~15 min on 2 shared CPU cores (the quickstart's "full" size
-# would take ~7 min per seed and method sweep).
-MINI = dataclasses.replace(
-    q.SIZES["full"],
-    n_sft=2000,
-    n_train_prompts=256,
-    n_eval_prompts=256,
-    sft_steps=150,
-    rm_steps=40,
-    dpo_steps=40,
-    rm_eval_fraction=0.2,  # >= one 32-pair eval batch from ~250 pairs
-    dpo_lr=5e-4,
-    ppo_iterations=5,
-    ppo_rollout_batch=128,
-    ppo_minibatch=32,
-    ppo_epochs=2,
-    ppo_lr=2e-4,
-    progress_bar=False,
-)
 BASES = {"mini": MINI, "smoke": q.SIZES["smoke"]}
 
 
@@ -81,43 +62,6 @@ def register_size(size: str, seed: int) -> str:
     name = f"exp_{size}_s{seed}"
     q.SIZES[name] = dataclasses.replace(BASES[size], seed=seed)
     return name
-
-
-def seed_paths(root: str, seed: int) -> q.Paths:
-    return q.Paths(os.path.join(root, f"seed{seed}"))
-
-
-def base_stages(size_name: str, p: q.Paths, stages=("data", "sft", "pairs", "reward", "dpo")) -> dict:
-    """Runs the quickstart stages ``stages`` in ``p.workdir`` (a finished stage is skipped)."""
-    s = q.SIZES[size_name]
-    os.makedirs(p.workdir, exist_ok=True)
-    out = {}
-    for stage in stages:
-        if q.stage_done(stage, p):
-            continue
-        t0 = time.perf_counter()
-        if stage == "data":
-            out[stage] = q.stage_data(s, p)
-        elif stage == "pairs":
-            out[stage] = q.stage_pairs(s, p)
-        else:
-            out[stage] = q.train_stage(stage, size_name, p)
-        print(f"  [{p.workdir}] {stage}: {time.perf_counter() - t0:.1f}s", flush=True)
-    return out
-
-
-def train(config, stage_dir: str) -> str:
-    """``registry.run(config, stage_dir)`` unless its HF export exists; returns the export directory."""
-    from jaxrlhf import registry
-
-    export = os.path.join(stage_dir, "hf")
-    if not os.path.exists(os.path.join(export, "config.json")):
-        t0 = time.perf_counter()
-        result = registry.run(config, stage_dir)
-        if result.get("interrupted"):
-            raise KeyboardInterrupt(f"{stage_dir}: stopped by a signal; rerun to resume")
-        print(f"  [{stage_dir}]: {time.perf_counter() - t0:.1f}s", flush=True)
-    return export
 
 
 def dpo_config(size_name: str, p: q.Paths, beta: float, **overrides):

@@ -3,7 +3,7 @@ r"""E7 (Wang et al., "What Is Preference Optimization Doing, How and Why?"): ins
     python -m jaxrlhf.experiments.e7_wang --out=docs/results/e7 [--seeds=3] [--smoke]
 
 On the synthetic-review task, per seed (an independent quickstart pipeline: data, SFT, best/worst
-pairs, reward model; ``e2_frontier.base_stages``), every variant of ``variants(plan)`` is trained
+pairs, reward model; ``common.base_stages``), every variant of ``variants(plan)`` is trained
 from that seed's SFT model with ``config.analysis.every`` on (the gradient decomposition of
 ``jaxrlhf.analysis.gradients``) and a checkpoint every ``plan.dpo_ckpt_every`` DPO steps /
 ``plan.ppo_ckpt_every`` PPO iterations:
@@ -38,20 +38,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import subprocess
 import time
 from typing import Any
 
 import numpy as np
 
 from jaxrlhf import quickstart as q
-from jaxrlhf.experiments import e2_frontier as e2
+from jaxrlhf.experiments import common
+from jaxrlhf.experiments.common import (
+    CheckpointEvaluator,
+    closest,
+    envelope,
+    fmt,
+    git_commit,
+    t_interval,
+    uncommitted,
+)
 
 # ------------------------------------------------------------------------------------------ sizes
 E7 = dataclasses.replace(
-    e2.MINI,
+    common.MINI,
     n_train_prompts=512,  # pairs for 64 DPO steps of 32 pairs without many repeats
     n_eval_prompts=256,
     dpo_steps=64,
@@ -219,114 +226,12 @@ def clean_probes(probes: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-class CheckpointEvaluator:
-    """Gold score and KL to SFT of policies given as parameters, on the held-out prompts of
-    ``config.data``: one sampled completion per prompt (``config.generation``, the same sampling key
-    for every policy), KL = ``sum_t log pi(y_t) - log pi_sft(y_t)`` on those samples; one sampler and
-    one log-prob compile for every checkpoint (``quickstart.compare_policies`` with parameters in
-    place of directories)."""
-
-    def __init__(self, config, sft_dir: str, batch_size: int, seed: int):
-        import jax
-
-        from jaxrlhf import data as data_lib
-        from jaxrlhf import evaluate, rollout
-        from jaxrlhf.algorithms.common import response_logps
-        from jaxrlhf.sharding import make_mesh
-
-        self.mesh = make_mesh(config.mesh)
-        tokenizer = data_lib.load_tokenizer(config.tokenizer)
-        self.ds, _ = data_lib.build_datasets(config.data, tokenizer, "prompt")
-        self.batch = min(batch_size, len(self.ds))
-        self.judge = rollout.build_reward(config, self.mesh, tokenizer, self.ds)
-        self.graphdef, self.sft_params = evaluate.load_policy(sft_dir, config.model.dtype, self.mesh)
-        self.sampler = rollout.config_sampler(
-            self.graphdef, config.generation, tokenizer, self.mesh, self.sft_params
-        )
-        self.logps = jax.jit(lambda params, seq: response_logps(self.graphdef, params, seq))
-        self.seed = seed
-
-    def params_from_flat(self, flat: dict[str, np.ndarray]):
-        """The SFT parameter tree with every leaf replaced by ``flat[path]`` (same sharding)."""
-        import jax
-
-        from jaxrlhf.sharding import path_str
-
-        def leaf(path, x):
-            return jax.device_put(np.asarray(flat[path_str(path)], dtype=x.dtype), x.sharding)
-
-        return jax.tree_util.tree_map_with_path(leaf, self.sft_params)
-
-    def __call__(self, params) -> dict[str, float]:
-        import jax
-
-        from jaxrlhf import data as data_lib
-        from jaxrlhf import rollout
-        from jaxrlhf.distributed import gather
-        from jaxrlhf.sharding import shard_batch
-
-        it = data_lib.BatchIterator(
-            self.ds, self.batch, shuffle=False, repeat=False, process_index=0, process_count=1
-        )
-        scores, kls, lengths = [], [], []
-        for b, host in enumerate(it):
-            prompts = shard_batch(self.mesh, {k: host[k] for k in ("prompt_ids", "prompt_mask")})
-            rng = jax.random.fold_in(jax.random.key(self.seed), b)
-            gen = self.sampler(params, prompts["prompt_ids"], prompts["prompt_mask"], rng)
-            seq = rollout.response_sequences(
-                prompts["prompt_ids"], prompts["prompt_mask"], gen.response_ids, gen.response_mask
-            )
-            scores.append(
-                np.asarray(jax.device_get(self.judge(seq, host["prompt_ids"].shape[1], host["index"])))
-            )
-            kls.append(np.asarray(gather(self.logps(params, seq) - self.logps(self.sft_params, seq))))
-            lengths.append(np.asarray(gather(gen.response_mask)).sum(-1))
-        scores, kls, lengths = (np.concatenate(x).astype(np.float64) for x in (scores, kls, lengths))
-        return {
-            "gold": float(scores.mean()),
-            "gold_sem": float(scores.std(ddof=1) / math.sqrt(len(scores))),
-            "kl_seq": float(kls.mean()),
-            "kl_token": float(kls.sum() / max(lengths.sum(), 1.0)),
-            "response_length": float(lengths.mean()),
-            "prompts": len(scores),
-        }
-
-
-def run_points(ev: CheckpointEvaluator, run_dir: str) -> list[dict[str, Any]]:
-    """Every checkpoint of a run, evaluated (cached in ``<run_dir>/e7_points.json``)."""
-    from jaxrlhf.analysis import divergence
-
-    cache = os.path.join(run_dir, "e7_points.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
-    expected = list(divergence.flat_params(ev.sft_params))
-    points = []
-    for step, state_dir in divergence.run_checkpoints(os.path.abspath(run_dir)):  # orbax: relative paths
-        # lose the item metadata (find_params_key then fails)
-        key = _params_key(state_dir, expected)
-        flat = divergence.restore_params(state_dir, expected, key)
-        points.append({"checkpoint": step, **ev(ev.params_from_flat(flat))})
-    with open(cache, "w") as f:
-        json.dump(points, f)
-    return points
-
-
-def _params_key(state_dir: str, expected: list[str]) -> str:
-    from jaxrlhf.analysis import divergence
-
-    try:
-        return divergence.find_params_key(state_dir, expected)
-    except ValueError:  # PPO: the critic may hold the same body paths
-        return divergence.find_params_key(state_dir, expected, "params/actor")
-
-
 def run_seed(size: str, seed: int, root: str, names: list[str]) -> dict[str, Any]:
     """One seed: base stages, every variant trained and its checkpoints scored."""
     t0 = time.perf_counter()
     size_name, plan = register_size(size, seed), PLANS[size]
-    p = e2.seed_paths(root, seed)
-    e2.base_stages(size_name, p, ("data", "sft", "pairs", "reward"))
+    p = common.seed_paths(root, seed)
+    common.base_stages(size_name, p, ("data", "sft", "pairs", "reward"))
     cache = os.path.join(root, "jax_cache")
     runs = {n: train_variant(size_name, p, n, plan, cache) for n in names}
     for rec in runs.values():
@@ -339,7 +244,7 @@ def run_seed(size: str, seed: int, root: str, names: list[str]) -> dict[str, Any
     steps = {"dpo": 1, "ppo": ppo_steps_per_iteration(s)}
     for n, rec in runs.items():
         t_eval = time.perf_counter()
-        pts = run_points(ev, p.stage_dir(f"e7_{n}"))
+        pts = common.run_points(ev, p.stage_dir(f"e7_{n}"), "e7_points.json")
         rec["eval_s"] = round(time.perf_counter() - t_eval, 1)  # 0 when the scores were cached
         for pt in pts:
             pt["step"] = pt["checkpoint"] * steps[rec["algorithm"]]
@@ -350,31 +255,6 @@ def run_seed(size: str, seed: int, root: str, names: list[str]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------ statistics
-def t_interval(values) -> dict[str, Any]:
-    """Mean, sample std (ddof 1) and the 95% Student-t half-width over seeds (``None`` for n < 2)."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    n = len(v)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0, "values": list(values)}
-    std = float(v.std(ddof=1)) if n > 1 else None
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None
-    return {"mean": float(v.mean()), "std": std, "ci95": half, "n": n, "values": list(values)}
-
-
-def envelope(points: list[dict], target: float) -> dict[str, float] | None:
-    """The measured upper envelope at ``target``: the best-gold point with ``kl_seq <= target``."""
-    ok = [pt for pt in points if pt["kl_seq"] <= target]
-    return max(ok, key=lambda pt: pt["gold"]) if ok else None
-
-
-def closest(points: list[dict], target: float) -> dict[str, float]:
-    """The measured point whose ``kl_seq`` is closest to ``target`` (SFT excluded when others exist)."""
-    trained = [pt for pt in points if pt["step"] > 0] or points
-    return min(trained, key=lambda pt: abs(pt["kl_seq"] - target))
-
-
 def matched(per_seed: list[dict], plan: Plan) -> dict[str, Any]:
     """Per method and KL target (``plan.kl_fractions`` x the plain method's final KL, per seed):
     envelope gold, closest-point gold and its KL gap, paired differences vs the plain method."""
@@ -464,15 +344,6 @@ def dynamics(per_seed: list[dict], names=("dpo", "ppo")) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- tables
-def fmt(x: dict, digits: int = 3) -> str:
-    """``mean ± ci95`` (``mean`` alone for one seed, ``-`` when nothing was measured)."""
-    if x["mean"] is None:
-        return "-"
-    if x["ci95"] is None:
-        return f"{x['mean']:.{digits}f}"
-    return f"{x['mean']:.{digits}f} ± {x['ci95']:.{digits}f}"
-
-
 FINAL_COLS = (
     ("gold", 3),
     ("kl_seq", 2),
@@ -634,24 +505,6 @@ def plot_gold_vs_kl(per_seed: list[dict], out_path: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def git_commit(path: str = "") -> str | None:
-    """The last commit touching ``path`` (the whole repo when empty), or ``None`` outside git."""
-    try:
-        cmd = ["git", "log", "-1", "--format=%H %cI %s", "--", path] if path else ["git", "rev-parse", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def uncommitted(path: str) -> list[str] | None:
-    """Files under ``path`` that differ from the commit (others' work in progress the run imported)."""
-    try:
-        cmd = ["git", "status", "--porcelain", "--", path]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run(size: str, seeds: int, workdir: str, out: str, names: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     from jaxrlhf.trainer.harness import enable_compilation_cache

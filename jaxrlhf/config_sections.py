@@ -221,6 +221,8 @@ def ppo(**overrides) -> ml_collections.ConfigDict:
             coef_top=1.0,
             coef_mid=1.0,
             coef_bot=1.0,
+            pos_coef=1.0,  # weight of positive-advantage tokens (0: no positive learning)
+            neg_coef=1.0,  # weight of negative-advantage tokens (0: no negative learning)
             period=0,  # iterations; 0 = off
             amplitude=0.0,
         )

@@ -168,6 +168,8 @@ RULES: tuple[Rule, ...] = (
     Rule("ppo.coef_top", float, NONNEG),  # coordinated PPO (Wang et al.): TOP/MID/BOT token weights
     Rule("ppo.coef_mid", float, NONNEG),
     Rule("ppo.coef_bot", float, NONNEG),
+    Rule("ppo.pos_coef", float, NONNEG),  # positive / negative learning weights (0: that part off)
+    Rule("ppo.neg_coef", float, NONNEG),
     Rule("ppo.period", int, NONNEG),  # periodic variant; 0: off
     Rule("ppo.amplitude", float, "[0, 1]"),
     # ---- coordinated DPO and the training-dynamics probes

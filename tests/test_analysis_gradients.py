@@ -223,6 +223,39 @@ def test_periodic_coefficients_closed_form():
         assert float(pos) == pytest.approx(1 + s, abs=1e-6) and float(neg) == pytest.approx(1 - s, abs=1e-6)
 
 
+def test_sign_coefficients_weigh_positive_and_negative_advantage_tokens():
+    """``ppo.pos_coef`` / ``neg_coef`` (times the periodic swing) reach the per-token loss weights of
+    ``advantages_and_returns``: checked against numpy on the whitened advantages it returns."""
+    import ml_collections
+
+    from jaxrlhf import config_defaults as d
+    from jaxrlhf.algorithms import ppo
+
+    rng = np.random.default_rng(4)
+    B, T = 4, 7
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    rollout = {
+        "action_mask": jnp.asarray(mask),
+        "old_logprobs": jnp.asarray(rng.normal(size=(B, T)), jnp.float32),
+        "ref_logprobs": jnp.asarray(rng.normal(size=(B, T)), jnp.float32),
+        "old_values": jnp.asarray(rng.normal(size=(B, T)), jnp.float32),
+        "score": jnp.asarray(rng.normal(size=B), jnp.float32),
+    }
+    for pos_coef, neg_coef, period, amp, it in (
+        (0.0, 1.0, 0, 0.0, 0),
+        (1.0, 0.0, 0, 0.0, 0),
+        (0.5, 2.0, 8, 0.5, 3),
+    ):
+        cfg = ml_collections.ConfigDict(
+            d.ppo(pos_coef=pos_coef, neg_coef=neg_coef, period=period, amplitude=amp)
+        )
+        out = ppo.advantages_and_returns(rollout, jnp.float32(0.1), cfg, it=it)
+        adv = np.asarray(out["advantages"])
+        s = amp * np.sin(2 * np.pi * it / period) if period else 0.0
+        want = np.where(adv > 0, pos_coef * (1 + s), np.where(adv < 0, neg_coef * (1 - s), 1.0))
+        np.testing.assert_allclose(np.asarray(out["token_coef"]), np.where(mask > 0, want, 0.0), atol=1e-6)
+
+
 @pytest.mark.slow
 def test_grpo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)

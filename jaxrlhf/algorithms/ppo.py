@@ -129,10 +129,19 @@ def periodic_coefs(it, period: int, amplitude: float):
     return 1.0 + phase, 1.0 - phase
 
 
+def sign_coefs(it, cfg):
+    """``(pos_coef, neg_coef)`` at iteration ``it``: the fixed weights of positive- and
+    negative-advantage tokens (``cfg.pos_coef`` / ``cfg.neg_coef``; 0 drops positive or negative
+    learning, Wang et al.'s ablation) times the periodic variant's (``periodic_coefs``)."""
+    pos, neg = periodic_coefs(it, cfg.period, cfg.amplitude)
+    return cfg.pos_coef * pos, cfg.neg_coef * neg
+
+
 def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg, it=0) -> dict:
     """Per-token rewards (score at the last action, minus the KL penalty), GAE, whitening, and the
-    coordinated variants' token weights (``cfg.coef_top/mid/bot``: cPPO; ``cfg.period`` /
-    ``cfg.amplitude`` at iteration ``it``: the periodic variant; ``losses.coordinated_token_weights``)."""
+    coordinated variants' token weights (``cfg.coef_top/mid/bot``: cPPO; ``cfg.pos_coef`` /
+    ``cfg.neg_coef``, times ``cfg.period`` / ``cfg.amplitude`` at iteration ``it``: positive and
+    negative learning weighed, the periodic variant; ``losses.coordinated_token_weights``)."""
     mask = rollout["action_mask"]
     valid = mask > 0
     kl = losses.kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], estimator=cfg.kl_estimator)
@@ -145,7 +154,7 @@ def advantages_and_returns(rollout: dict, kl_coef: jax.Array, cfg, it=0) -> dict
     if cfg.whiten_advantages:
         adv = losses.masked_whiten(adv, mask)
     adv = jnp.where(valid, adv, 0.0)
-    pos, neg = periodic_coefs(it, cfg.period, cfg.amplitude)
+    pos, neg = sign_coefs(it, cfg)
     coef = losses.coordinated_token_weights(
         adv,
         mask,

@@ -150,6 +150,7 @@ def test_variant_configs_carry_their_knobs(tmp_path):
         "ppo": {"ppo.coef_top": 1.0, "ppo.coef_mid": 1.0, "ppo.period": 0},
         "ppo_no_top": {"ppo.coef_top": 0.0, "ppo.coef_mid": 1.0},
         "ppo_no_mid": {"ppo.coef_top": 1.0, "ppo.coef_mid": 0.0},
+        "ppo_no_neg": {"ppo.neg_coef": 0.0, "ppo.pos_coef": 1.0},
         "cppo_top": {"ppo.coef_top": plan.cppo_lambda},
         "hppo": {"ppo.period": plan.hppo_period, "ppo.amplitude": plan.hppo_amplitude},
     }

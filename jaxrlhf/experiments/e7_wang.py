@@ -118,6 +118,7 @@ def variants(plan: Plan) -> dict[str, tuple[str, dict[str, Any]]]:
         "ppo": ("ppo", {}),
         "ppo_no_top": ("ppo", {"ppo.coef_top": 0.0}),
         "ppo_no_mid": ("ppo", {"ppo.coef_mid": 0.0}),
+        "ppo_no_neg": ("ppo", {"ppo.neg_coef": 0.0}),
         "cppo_top": ("ppo", {"ppo.coef_top": plan.cppo_lambda}),
         "hppo": ("ppo", {"ppo.period": plan.hppo_period, "ppo.amplitude": plan.hppo_amplitude}),
     }

@@ -1,80 +1,166 @@
-r"""E2: PPO vs DPO vs DPO-Iter on synthetic reviews - gold reward at matched KL, win rate vs SFT.
+r"""E2 (Xu et al. 2024, "Is DPO Superior to PPO for LLM Alignment?"): DPO vs PPO vs DPO-Iter on
+measured reward-KL trajectories of synthetic reviews.
 
-    python -m jaxrlhf.experiments.e2_frontier --seeds=3 --out=docs/results/e2 [--size=mini|smoke]
+    python -m jaxrlhf.experiments.e2_frontier --seeds=3 --out=docs/results/e2   # [--smoke]
 
-Per seed, the quickstart pipeline (``jaxrlhf.quickstart``: data, SFT, best/worst pairs, reward model,
-DPO, PPO) runs at a reduced size (``SIZES["mini"]`` below, to fit 3 seeds in ~15 min on 2 CPU cores),
-then each method is trained at several strengths to trace its reward-KL frontier:
+Per seed (an independent base: its own data, SFT model, best/worst gold-labelled pairs and reward
+model; the ``common.MINI`` stages in ``<workdir>/mini/seed<N>``, shared with E3/E4), every run starts
+from that seed's SFT model and keeps a checkpoint every ``sweep.dpo_ckpt_every`` DPO steps /
+``sweep.ppo_ckpt_every`` PPO iterations / DPO-Iter round (all kept):
 
-  DPO       beta in ``dpo_betas`` on the SFT model's best/worst pairs (offline, frozen SFT reference);
-  DPO-Iter  ``config.algorithm = "dpo_iter"``: rounds of sampling from the current policy, labelling
-            best/worst with the *learned reward model* (the same labeller PPO optimises), DPO steps;
-            one run per beta in ``iter_betas``;
-  PPO       the study's recipe (whitened advantages, EMA reference) at each ``ppo_kl_coefs``.
+  dpo        offline DPO on the seed's pairs, frozen SFT reference, one run per beta in ``dpo_betas``;
+  ppo        PPO against the seed's learned reward model with a frozen SFT reference
+             (``ref.ema_decay = 1``), one run per KL coefficient in ``ppo_kl_coefs``;
+  ppo_ema    the study's recipe: the EMA reference (decay ``ppo_ema_decay``) at ``ppo_ema_kl_coef``;
+  dpo_iter   rounds of sampling from the current policy, best/worst labelled by the *learned reward
+             model*, DPO steps, reference reset to the policy each round.
 
-Every policy is scored on held-out prompts by the gold scorer (``quickstart.compare_policies``):
-gold reward, KL(policy || SFT) in nats per sequence, win rate vs SFT samples. "Gold reward at
-matched KL" interpolates each method's frontier (SFT at KL 0 included, points sorted by KL, linear)
-at the KL targets ``kl_targets``; a target beyond a method's largest KL is left out (no
-extrapolation). Results: ``<out>/table.md``, ``results.json``, ``frontier.png``.
+Every checkpoint (and the SFT model) is scored on the held-out prompts by ``common.CheckpointEvaluator``:
+one sample per prompt (temperature 1, sampling seed 1000 + seed for every checkpoint of a seed), gold
+score, KL(policy || SFT) per sequence and per token, length, degeneracy statistics. DPO-Iter's
+checkpoints are also scored by the seed's reward model on the *same* samples (a second evaluator
+with the same sampling key; the two KLs must agree, ``rm_eval_kl_mismatch``), next to the logged
+``round/reward_mean`` (the reward model on that policy's train-prompt samples at the next round's start).
+
+Matched KL uses measured points only: at each target of ``kl_targets`` (nats/seq) a method's value is
+its upper envelope (best gold among its checkpoints of all its runs, SFT included, with KL <= target)
+and the gold of its checkpoint closest to the target (with the KL gap); DPO - PPO differences are
+paired by seed. Statistics: mean and 95% Student-t half-width over seeds (sample std, n - 1 dof).
+
+Writes ``table.md``, ``results.json`` and ``frontier.png`` to ``--out``. Expected result (3 seeds,
+about 11 min on 2 idle cores; docs/experiments_e2.md): the numbers in docs/results/e2/table.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
 import os
+import shutil
 import time
 from typing import Any
 
-# Runnable as a plain script from a checkout: the repository root holds the jaxrlhf package.
-from jaxrlhf import config_defaults as d
 from jaxrlhf import quickstart as q
-from jaxrlhf.experiments.common import MINI, base_stages, seed_paths, train
+from jaxrlhf.experiments import common
+from jaxrlhf.experiments.common import (
+    MINI,
+    base_stages,
+    closest,
+    envelope,
+    fmt,
+    git_commit,
+    seed_paths,
+    t_interval,
+    train,  # noqa: F401 - e3_shift uses e2.train (until it imports common)
+    uncommitted,
+)
 
-BASES = {"mini": MINI, "smoke": q.SIZES["smoke"]}
+SMOKE = dataclasses.replace(q.SIZES["smoke"], n_sft=128, sft_steps=10, rm_steps=2)
+BASES = {"mini": MINI, "smoke": SMOKE}  # the base stages' sizes (MINI: shared with E3/E4, unchanged)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """The strengths each method is trained at (one policy = one frontier point)."""
+    """The runs of one seed (every field lands in results.json)."""
 
     dpo_betas: tuple[float, ...]
-    iter_betas: tuple[float, ...]
-    ppo_kl_coefs: tuple[float, ...]
+    dpo_steps: int
+    dpo_lr: float
+    dpo_ckpt_every: int  # DPO steps between checkpoints
+    ppo_kl_coefs: tuple[float, ...]  # frozen reference
+    ppo_ema_kl_coef: float
+    ppo_ema_decay: float
+    ppo_iterations: int
+    ppo_lr: float
+    ppo_ckpt_every: int  # PPO iterations between checkpoints
+    iter_beta: float
     iter_rounds: int
     iter_prompts_per_round: int
-    kl_targets: tuple[float, ...]
+    iter_steps_per_round: int
+    iter_lr: float
+    kl_targets: tuple[float, ...]  # matched-KL targets, nats per sequence
 
 
 SWEEPS = {
-    "mini": Sweep((0.1, 0.5), (0.1,), (0.05, 0.2), 4, 64, (1.0, 2.0, 4.0)),
-    "smoke": Sweep((0.1,), (0.1,), (0.05,), 2, 8, (0.5,)),
+    "mini": Sweep(
+        dpo_betas=(0.05, 0.2, 1.0),
+        dpo_steps=48,
+        dpo_lr=2e-4,
+        dpo_ckpt_every=6,
+        ppo_kl_coefs=(0.02, 0.2),
+        ppo_ema_kl_coef=0.05,
+        ppo_ema_decay=0.99,
+        ppo_iterations=20,
+        ppo_lr=3e-4,  # seed 0 pilots: lr 2e-4 x 10 iterations reached KL 3 nats/seq; 3e-4 x 16: 5.3
+        ppo_ckpt_every=1,
+        iter_beta=0.1,
+        iter_rounds=10,
+        iter_prompts_per_round=64,
+        iter_steps_per_round=8,
+        iter_lr=2e-4,
+        kl_targets=(1.0, 2.0, 4.0, 6.0),
+    ),
+    "smoke": Sweep((0.1,), 4, 1e-3, 2, (0.05,), 0.05, 0.9, 2, 1e-4, 1, 0.1, 2, 8, 2, 1e-3, (0.5,)),
 }
-METHODS = ("dpo", "dpo_iter", "ppo")
+METHODS = ("dpo", "ppo", "ppo_ema", "dpo_iter")  # matched-KL groups (a group = all its runs' points)
+BASELINE = "dpo"  # paired differences: BASELINE - each other method
 
 
 def register_size(size: str, seed: int) -> str:
-    """Registers ``BASES[size]`` with ``seed`` in ``quickstart.SIZES`` (the stage configs read it)."""
+    """Registers ``BASES[size]`` with ``seed`` as ``exp_<size>_s<seed>`` (E3/E4 use the same names)."""
     if size not in BASES:
         raise ValueError(f"--size={size!r}: expected one of {sorted(BASES)}")
-    name = f"exp_{size}_s{seed}"
-    q.SIZES[name] = dataclasses.replace(BASES[size], seed=seed)
-    return name
+    return common.register_size(BASES[size], f"exp_{size}", seed)
+
+
+def _apply(c, flat: dict[str, Any]):
+    for key, value in flat.items():
+        c.update_from_flattened_dict({key: value})
+    return c
+
+
+def _ckpt(every: int, total: int) -> dict[str, Any]:
+    """Checkpoint keys: one every ``every`` units, all kept, written synchronously."""
+    return {"checkpoint.every": every, "checkpoint.keep": total // every + 2, "checkpoint.async_save": False}
 
 
 def dpo_config(size_name: str, p: q.Paths, beta: float, **overrides):
     """``configs/quickstart/dpo.py`` with ``dpo.beta = beta`` and dotted-key ``overrides``."""
     c = q.load_config("dpo", size_name, p.workdir)
     c.dpo.beta = beta
-    for key, value in overrides.items():
-        c.update_from_flattened_dict({key: value})
-    return c
+    return _apply(c, overrides)
 
 
-def dpo_iter_config(size_name: str, p: q.Paths, beta: float, rounds: int, prompts_per_round: int):
-    """DPO-Iter from the SFT model, labelled by the learned reward model (keys: configs/tiny/dpo_iter.py)."""
+def dpo_overrides(sw: Sweep) -> dict[str, Any]:
+    return {
+        "total_steps": sw.dpo_steps,
+        "optim.lr": sw.dpo_lr,
+        "log_every": 1,
+        **_ckpt(sw.dpo_ckpt_every, sw.dpo_steps),
+    }
+
+
+def ppo_config(size_name: str, p: q.Paths, kl_coef: float, ema_decay: float, sw: Sweep):
+    """``configs/quickstart/ppo.py`` with the KL coefficient, the reference's EMA decay (1 = frozen)
+    and the sweep's length, learning rate and checkpoints."""
+    c = q.load_config("ppo", size_name, p.workdir)
+    flat = {
+        "ppo.kl_coef": kl_coef,
+        "ref.ema_decay": ema_decay,
+        "ppo.iterations": sw.ppo_iterations,
+        "optim.lr": sw.ppo_lr,
+        "log_every": 1,
+        **_ckpt(sw.ppo_ckpt_every, sw.ppo_iterations),
+    }
+    return _apply(c, flat)
+
+
+def dpo_iter_config(size_name: str, p: q.Paths, sw: Sweep):
+    """DPO-Iter from the SFT model, labelled by the seed's learned reward model (a missing EOS costs
+    1, as in PPO), reference reset each round, a checkpoint every round."""
+    from jaxrlhf import config_defaults as d
+
     s = q.SIZES[size_name]
     c = d.base("dpo_iter")
     c.seed = s.seed
@@ -87,206 +173,491 @@ def dpo_iter_config(size_name: str, p: q.Paths, beta: float, rounds: int, prompt
         max_length=s.max_prompt_length + s.max_new_tokens,
         bucket=False,
     )
-    c.reward = d.reward(model_path=p.rm_export, missing_eos_penalty=1.0)
+    c.reward = d.reward(model_path=p.rm_export, shaping=False, missing_eos_penalty=1.0)
     c.reward.model.dtype = "float32"
     c.ref = d.ref(ema_decay=1.0)
     c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
-    c.dpo = dict(beta=beta, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
-    steps = max(1, s.dpo_steps // rounds)  # the same number of DPO steps as offline DPO
+    c.dpo = dict(beta=sw.iter_beta, label_smoothing=0.0, loss_type="sigmoid", nll_coef=0.0)
     c.dpo_iter = dict(
-        rounds=rounds,
-        prompts_per_round=prompts_per_round,
+        rounds=sw.iter_rounds,
+        prompts_per_round=sw.iter_prompts_per_round,
         samples_per_prompt=s.pair_samples,
-        steps_per_round=steps,
+        steps_per_round=sw.iter_steps_per_round,
         reset_reference=True,
     )
-    c.batch_size = min(s.pair_batch, prompts_per_round)
-    c.optim = d.optim(lr=s.dpo_lr, warmup_steps=0, schedule="constant")
-    c.checkpoint.every = rounds * steps
-    c.log_every = max(1, steps)
+    c.batch_size = min(s.pair_batch, sw.iter_prompts_per_round)
+    c.optim = d.optim(lr=sw.iter_lr, warmup_steps=0, schedule="constant")
+    c.log_every = 1
     c.progress_bar = False
     c.lock()
-    return c
+    return _apply(c, _ckpt(1, sw.iter_rounds))
 
 
-def ppo_config(size_name: str, p: q.Paths, kl_coef: float):
-    c = q.load_config("ppo", size_name, p.workdir)
-    c.ppo.kl_coef = kl_coef
-    return c
+def run_configs(size_name: str, p: q.Paths, sw: Sweep) -> dict[str, tuple[str, Any]]:
+    """run name -> (method, config) of every run of one seed."""
+    runs = {f"dpo_b{b:g}": ("dpo", dpo_config(size_name, p, b, **dpo_overrides(sw))) for b in sw.dpo_betas}
+    for k in sw.ppo_kl_coefs:
+        runs[f"ppo_kl{k:g}"] = ("ppo", ppo_config(size_name, p, k, 1.0, sw))
+    runs[f"ppo_ema_kl{sw.ppo_ema_kl_coef:g}"] = (
+        "ppo_ema",
+        ppo_config(size_name, p, sw.ppo_ema_kl_coef, sw.ppo_ema_decay, sw),
+    )
+    runs[f"dpo_iter_b{sw.iter_beta:g}"] = ("dpo_iter", dpo_iter_config(size_name, p, sw))
+    return runs
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear ``y(x)`` through ``points`` (sorted by x); NaN outside their range."""
-    pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return math.nan
+def train_run(config, run_dir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``run_dir`` (or reuses its record): wall time and logged history."""
+    from jaxrlhf import registry
+
+    record_path = os.path.join(run_dir, "e2_run.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["config"] != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{run_dir} holds a run of another config: delete it to retrain")
+        return record
+    t0 = time.perf_counter()
+    result = registry.run(config, run_dir)
+    if result.get("interrupted"):
+        raise KeyboardInterrupt(f"{run_dir}: stopped by a signal; rerun to resume")
+    record = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "config": config.to_dict(),
+        "history": [q._floats(h) for h in result.get("history", [])],
+    }
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+    print(f"  [{run_dir}]: {record['wall_s']:.1f}s", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluators(size_name: str, p: q.Paths, seed: int):
+    """The gold evaluator and the reward-model evaluator (same prompts, sampler and sampling key)."""
+    from jaxrlhf import config_defaults as d
+
+    s = q.SIZES[size_name]
+    gold = common.CheckpointEvaluator(
+        q.load_config("evaluate", size_name, p.workdir), p.sft_export, s.eval_batch, seed=1000 + seed
+    )
+    c = q.evaluate_config(s, p)
+    c.reward = d.reward(model_path=p.rm_export, shaping=False)
+    c.reward.model.dtype = "float32"
+    c.partition_rules = ()  # the model's default sharding (what the training configs use)
+    rm = common.CheckpointEvaluator(c, p.sft_export, s.eval_batch, seed=1000 + seed)
+    return gold, rm
+
+
+def with_rm(points: list[dict], rm_points: list[dict], history: list[dict]) -> list[dict]:
+    """DPO-Iter points with the reward model's held-out score of the same samples (``rm_score``),
+    the KL mismatch of the two evaluations, and the logged ``round/reward_mean`` of the same policy
+    (round ``k + 1`` logs it for the policy after ``k`` rounds; absent for the last)."""
+    out = []
+    for k, (pt, rp) in enumerate(zip(points, rm_points, strict=True)):
+        logged = history[k].get("round/reward_mean") if k < len(history) else None
+        out.append(
+            dict(
+                pt,
+                rm_score=rp["gold"],
+                rm_eval_kl_mismatch=abs(rp["kl_seq"] - pt["kl_seq"]),
+                rm_logged=logged,
+            )
+        )
+    return out
 
 
 def run_seed(size: str, seed: int, root: str) -> dict[str, Any]:
-    """Every E2 policy of one seed, evaluated; returns ``{"rows": name -> metrics, "wall_s"}``."""
+    """One seed: base stages, every run trained, every checkpoint scored."""
     t0 = time.perf_counter()
-    name, p, sw = register_size(size, seed), seed_paths(root, seed), SWEEPS[size]
-    base_stages(name, p)
-    policies = {"sft": p.sft_export}
-    for beta in sw.dpo_betas:
-        if beta == q.SIZES[name].dpo_beta:  # the quickstart's DPO stage: the same config, trained already
-            policies[f"dpo@b={beta:g}"] = p.export("dpo")
-        else:
-            policies[f"dpo@b={beta:g}"] = train(dpo_config(name, p, beta), p.stage_dir(f"e2_dpo_b{beta:g}"))
-    for beta in sw.iter_betas:
-        cfg = dpo_iter_config(name, p, beta, sw.iter_rounds, sw.iter_prompts_per_round)
-        policies[f"dpo_iter@b={beta:g}"] = train(cfg, p.stage_dir(f"e2_dpo_iter_b{beta:g}"))
-    for kl in sw.ppo_kl_coefs:
-        policies[f"ppo@kl={kl:g}"] = train(ppo_config(name, p, kl), p.stage_dir(f"e2_ppo_kl{kl:g}"))
-    s = q.SIZES[name]
-    rows = q.compare_policies(
-        q.load_config("evaluate", name, p.workdir),
-        policies,
-        p.sft_export,
-        batch_size=s.eval_batch,
-        seed=s.seed + 20,
-    )
-    return {"rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    size_name, sw = register_size(size, seed), SWEEPS[size]
+    p = seed_paths(root, seed)
+    base_stages(size_name, p, ("data", "sft", "pairs", "reward"))
+    t_base = time.perf_counter() - t0
+    configs = run_configs(size_name, p, sw)
+    runs = {}
+    for name, (method, config) in configs.items():
+        runs[name] = {"method": method, **train_run(config, p.stage_dir(f"e2_{name}"))}
+    t_eval = time.perf_counter()
+    gold, rm = evaluators(size_name, p, seed)
+    sft = {"checkpoint": 0, "step": 0, **gold(gold.sft_params)}
+    sft_rm = rm(rm.sft_params)
+    for name, r in runs.items():
+        pts = [
+            dict(pt, step=pt["checkpoint"])
+            for pt in common.run_points(gold, p.stage_dir(f"e2_{name}"), "e2_points.json")
+        ]
+        r["points"] = [sft, *pts]
+        if r["method"] == "dpo_iter":
+            rm_pts = common.run_points(rm, p.stage_dir(f"e2_{name}"), "e2_rm_points.json")
+            sft_pt = dict(sft, rm_score=sft_rm["gold"], rm_eval_kl_mismatch=abs(sft_rm["kl_seq"]))
+            r["points"] = [sft_pt, *with_rm(pts, rm_pts, r["history"][1:])]
+            r["points"][0]["rm_logged"] = r["history"][0].get("round/reward_mean") if r["history"] else None
+    with open(p.pairs_stats) as f:
+        pairs = json.load(f)
+    return {
+        "runs": runs,
+        "sft": sft,
+        "pairs": pairs,
+        "base_s": round(t_base, 1),
+        "eval_s": round(time.perf_counter() - t_eval, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
-def method_of(policy: str) -> str:
-    return policy.split("@", 1)[0]
+# ------------------------------------------------------------------------------------ statistics
+def method_points(seed_res: dict, method: str) -> list[dict]:
+    """Every measured point of ``method``'s runs in one seed (the SFT point once, first)."""
+    runs = [r for r in seed_res["runs"].values() if r["method"] == method]
+    return [seed_res["sft"], *(pt for r in runs for pt in r["points"][1:])]
 
 
-def summarize(per_seed: list[dict[str, Any]], kl_targets) -> dict[str, Any]:
-    """Mean ± std over seeds of every policy's metrics, and each method's gold reward at matched KL."""
-    import numpy as np
-
-    names = list(per_seed[0]["rows"])
-    policies = {}
-    for n in names:
-        policies[n] = {}
-        for key in ("gold_reward", "kl_to_sft", "win_rate_vs_sft", "response_length"):
-            v = np.asarray([r["rows"][n][key] for r in per_seed])
-            policies[n][key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1) if len(v) > 1 else 0.0)}
-    matched = {}
-    for m in METHODS:
-        matched[m] = {}
-        for target in kl_targets:
-            vals = []
-            for r in per_seed:
-                pts = [(0.0, r["rows"]["sft"]["gold_reward"])]
-                pts += [(x["kl_to_sft"], x["gold_reward"]) for n, x in r["rows"].items() if method_of(n) == m]
-                vals.append(interpolate(pts, target))
-            v = np.asarray(vals)
-            ok = v[~np.isnan(v)]
-            matched[m][f"{target:g}"] = {
-                "mean": float(ok.mean()) if len(ok) else None,
-                "std": float(ok.std(ddof=1)) if len(ok) > 1 else None,
-                "seeds": int(len(ok)),
+def matched(per_seed: list[dict], targets) -> dict[str, Any]:
+    """Per KL target and method: the envelope's gold and KL, the closest point's gold and KL gap;
+    per target, ``BASELINE - method`` paired by seed for the envelope and the closest point."""
+    out: dict[str, Any] = {}
+    for target in targets:
+        key = f"{target:g}"
+        rows, env, clo = {}, {}, {}
+        for m in METHODS:
+            env[m] = [envelope(method_points(r, m), target) for r in per_seed]
+            clo[m] = [closest(method_points(r, m), target) for r in per_seed]
+            rows[m] = {
+                "envelope_gold": t_interval([e["gold"] for e in env[m]]),
+                "envelope_kl_seq": t_interval([e["kl_seq"] for e in env[m]]),
+                "envelope_kl_token": t_interval([e["kl_token"] for e in env[m]]),
+                "closest_gold": t_interval([c["gold"] for c in clo[m]]),
+                "closest_kl_gap": t_interval([c["kl_seq"] - target for c in clo[m]]),
             }
-    return {"policies": policies, "gold_at_matched_kl": matched}
+        diffs = {}
+        for m in METHODS:
+            if m == BASELINE:
+                continue
+            diffs[f"{BASELINE} - {m}"] = {
+                "envelope": t_interval(
+                    [a["gold"] - b["gold"] for a, b in zip(env[BASELINE], env[m], strict=True)]
+                ),
+                "closest": t_interval(
+                    [a["gold"] - b["gold"] for a, b in zip(clo[BASELINE], clo[m], strict=True)]
+                ),
+            }
+        out[key] = {"methods": rows, "paired": diffs}
+    return out
 
 
-def _pm(x: dict) -> str:
-    if x.get("mean") is None:
-        return "-"
-    return f"{x['mean']:.3f} ± {x['std']:.3f}" if x.get("std") is not None else f"{x['mean']:.3f}"
+FINAL_KEYS = (
+    "gold",
+    "kl_seq",
+    "kl_token",
+    "response_length",
+    "frac_positive",
+    "repeat_3gram_frac",
+    "distinct_2",
+    "out_of_grammar_frac",
+)
 
 
-def format_tables(summary: dict[str, Any], n_seeds: int) -> str:
-    lines = [
-        f"Mean ± std over {n_seeds} seeds (held-out prompts, gold scorer).",
-        "",
-        "| policy | gold reward | KL to SFT (nats/seq) | win rate vs SFT | response length |",
-        "|---|---|---|---|---|",
-    ]
-    for n, r in summary["policies"].items():
-        lines.append(
-            f"| {n} | {_pm(r['gold_reward'])} | {r['kl_to_sft']['mean']:.2f} ± {r['kl_to_sft']['std']:.2f} "
-            f"| {_pm(r['win_rate_vs_sft'])} | {r['response_length']['mean']:.1f} |"
+def final_stats(per_seed: list[dict]) -> dict[str, Any]:
+    """Per run (and SFT): the final checkpoint's gold, KL, length and degeneracy; train wall time."""
+    out = {"sft": {k: t_interval([r["sft"][k] for r in per_seed]) for k in FINAL_KEYS}}
+    for n in per_seed[0]["runs"]:
+        last = [r["runs"][n]["points"][-1] for r in per_seed]
+        out[n] = {k: t_interval([pt[k] for pt in last]) for k in FINAL_KEYS}
+        out[n]["train_wall_s"] = t_interval([r["runs"][n]["wall_s"] for r in per_seed])
+    return out
+
+
+def iter_stats(per_seed: list[dict]) -> dict[str, Any]:
+    """DPO-Iter per round (0 = SFT): gold, held-out reward-model score, logged reward_mean, KL; and,
+    paired by seed, the final round minus SFT and minus the round of best gold."""
+    name = next(n for n, r in per_seed[0]["runs"].items() if r["method"] == "dpo_iter")
+    pts = [r["runs"][name]["points"] for r in per_seed]
+    rounds = []
+    for k in range(len(pts[0])):
+        rounds.append(
+            {
+                c: t_interval([p[k][c] for p in pts])
+                for c in ("gold", "rm_score", "rm_logged", "kl_seq", "kl_token")
+            }
         )
-    targets = list(next(iter(summary["gold_at_matched_kl"].values())))
-    lines += [
-        "",
-        "Gold reward at matched KL (each seed's frontier interpolated linearly, SFT = KL 0; '-' = the "
-        "method never reached that KL; (n) = seeds that did):",
-        "",
-        "| method | " + " | ".join(f"KL = {t}" for t in targets) + " |",
-        "|---|" + "---|" * len(targets),
-    ]
-    for m, by_t in summary["gold_at_matched_kl"].items():
-        cells = [f"{_pm(by_t[t])} ({by_t[t]['seeds']})" for t in targets]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    best = [max(p, key=lambda pt: pt["gold"]) for p in pts]
+    change = {
+        "gold_final_minus_sft": t_interval([p[-1]["gold"] - p[0]["gold"] for p in pts]),
+        "rm_final_minus_sft": t_interval([p[-1]["rm_score"] - p[0]["rm_score"] for p in pts]),
+        "gold_final_minus_best": t_interval(
+            [p[-1]["gold"] - b["gold"] for p, b in zip(pts, best, strict=True)]
+        ),
+        "rm_final_minus_best_gold_round": t_interval(
+            [p[-1]["rm_score"] - b["rm_score"] for p, b in zip(pts, best, strict=True)]
+        ),
+        "best_gold_round": [b["checkpoint"] for b in best],
+        "rm_eval_kl_mismatch_max": max(pt["rm_eval_kl_mismatch"] for p in pts for pt in p),
+    }
+    return {"run": name, "rounds": rounds, "change": change}
 
 
-def plot_frontier(per_seed: list[dict[str, Any]], summary: dict[str, Any], out_path: str) -> str | None:
-    """Gold reward vs KL to SFT: every seed's points (faint) and the seed means ± std per policy."""
+# ---------------------------------------------------------------------------------------- tables
+def _row(label: str, cells) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def table_matched(res: dict) -> list[str]:
+    cols = (
+        "KL target",
+        "method",
+        "envelope gold",
+        "envelope KL/seq",
+        "envelope KL/token",
+        "closest gold",
+        "closest KL gap",
+    )
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for key, block in res["matched"].items():
+        for m, r in block["methods"].items():
+            cells = [key, m, fmt(r["envelope_gold"]), fmt(r["envelope_kl_seq"], 2), fmt(r["envelope_kl_token"]),
+                     fmt(r["closest_gold"]), fmt(r["closest_kl_gap"], 2)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def table_paired(res: dict) -> list[str]:
+    keys = list(res["matched"])
+    cols = [f"{kind} @ KL {k}" for k in keys for kind in ("envelope", "closest")]
+    lines = ["| difference (gold) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for d in res["matched"][keys[0]]["paired"]:
+        cells = [fmt(res["matched"][k]["paired"][d][kind]) for k in keys for kind in ("envelope", "closest")]
+        lines.append(_row(d, cells))
+    return lines
+
+
+def table_final(res: dict) -> list[str]:
+    digits = {"kl_seq": 2, "response_length": 1}
+    lines = ["| run | " + " | ".join(FINAL_KEYS) + " | train wall s |", "|---" * (len(FINAL_KEYS) + 2) + "|"]
+    for n, r in res["final"].items():
+        cells = [fmt(r[k], digits.get(k, 3)) for k in FINAL_KEYS]
+        cells.append(fmt(r["train_wall_s"], 0) if "train_wall_s" in r else "-")
+        lines.append(_row(n, cells))
+    return lines
+
+
+def table_iter(res: dict) -> list[str]:
+    it = res["dpo_iter"]
+    cols = ("gold", "RM score (held-out)", "RM score logged (train prompts)", "KL/seq", "KL/token")
+    lines = ["| round | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k, r in enumerate(it["rounds"]):
+        cells = [
+            fmt(r["gold"]),
+            fmt(r["rm_score"]),
+            fmt(r["rm_logged"]),
+            fmt(r["kl_seq"], 2),
+            fmt(r["kl_token"]),
+        ]
+        lines.append(_row(f"{k}" + (" (SFT)" if k == 0 else ""), cells))
+    ch = it["change"]
+    lines += ["", "| DPO-Iter change (paired by seed) | value |", "|---|---|"]
+    for key in (
+        "gold_final_minus_sft",
+        "rm_final_minus_sft",
+        "gold_final_minus_best",
+        "rm_final_minus_best_gold_round",
+    ):
+        lines.append(_row(key, [fmt(ch[key])]))
+    lines.append(_row("round of best gold, per seed", [", ".join(str(b) for b in ch["best_gold_round"])]))
+    return lines
+
+
+def table_markdown(res: dict) -> str:
+    """Every table of E2 (``table.md``; docs/experiments_e2.md carries the same rows)."""
+    n = res["seeds"]
+    return "\n".join(
+        [
+            f"Mean ± 95% Student-t half-width over {n} seeds (sample std, ddof 1, {n - 1} degrees of freedom); "
+            "held-out prompts, one sampled completion each; gold = the reviews gold scorer in [0, 1]; "
+            "KL(policy || SFT) in nats on the policy's samples. Measured checkpoints only.",
+            "",
+            "### Matched KL: measured upper envelope (best gold with KL/seq <= target, SFT included) "
+            "and the checkpoint closest to the target",
+            "",
+            *table_matched(res),
+            "",
+            f"### Paired by seed: {BASELINE} minus each method, gold at matched KL",
+            "",
+            *table_paired(res),
+            "",
+            "### Final checkpoint of each run (degeneracy statistics of its held-out samples)",
+            "",
+            *table_final(res),
+            "",
+            "### DPO-Iter per round: gold vs the reward model it optimises",
+            "",
+            *table_iter(res),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------- plots
+COLORS = {"dpo": "Blues", "ppo": "Oranges", "ppo_ema": "Reds", "dpo_iter": "Greens"}
+
+
+def run_colors(names_methods: list[tuple[str, str]], plt) -> dict[str, Any]:
+    """One colour per run, shades of its method's colour map."""
+    out = {}
+    for m, cmap in COLORS.items():
+        names = [n for n, mm in names_methods if mm == m]
+        for i, n in enumerate(names):
+            out[n] = plt.get_cmap(cmap)(0.55 + 0.4 * i / max(1, len(names) - 1))
+    return out
+
+
+PANELS = (("offline DPO (one line per beta and seed)", ("dpo",)),
+          ("PPO and DPO-Iter (one line per run and seed)", ("ppo", "ppo_ema", "dpo_iter")))  # fmt: skip
+MARKERS = {"dpo": "s", "ppo": "D", "ppo_ema": "^", "dpo_iter": "v"}
+
+
+def _trajectories(ax, per_seed: list[dict], methods, colors) -> None:
+    """Gold vs KL/seq: one line per run and seed through its successive checkpoints (SFT first)."""
+    for n, run in per_seed[0]["runs"].items():
+        if run["method"] not in methods:
+            continue
+        for s, r in enumerate(per_seed):
+            pts = r["runs"][n]["points"]
+            ax.plot([p["kl_seq"] for p in pts], [p["gold"] for p in pts], ".-", color=colors[n], lw=0.9,
+                    ms=4, alpha=0.75, label=n if s == 0 else None)  # fmt: skip
+
+
+def _envelopes(ax, res: dict, plt) -> None:
+    """Each method's envelope (best gold with KL <= target; mean ± CI over seeds) drawn at x =
+    target, unjoined, slightly offset per method."""
+    keys = list(res["matched"])
+    for j, m in enumerate(METHODS):
+        xs = [float(k) * (1 + 0.05 * (j - 1.5)) for k in keys]
+        ys = [res["matched"][k]["methods"][m]["envelope_gold"] for k in keys]
+        ax.errorbar(xs, [y["mean"] for y in ys], yerr=[y["ci95"] or 0 for y in ys], fmt=MARKERS[m], ls="none",
+                    color=plt.get_cmap(COLORS[m])(0.95), mec="k", ms=6, capsize=3,
+                    label=f"{m}: envelope at target KL")  # fmt: skip
+
+
+def _iter_panel(ax, per_seed: list[dict], res: dict) -> None:
+    """DPO-Iter: gold (left axis) and the reward model's held-out score (right axis) per round."""
+    it = res["dpo_iter"]["run"]
+    twin = ax.twinx()
+    for s, r in enumerate(per_seed):
+        pts = r["runs"][it]["points"]
+        k = list(range(len(pts)))
+        ax.plot(
+            k, [p["gold"] for p in pts], "o-", color="tab:green", alpha=0.8, label="gold" if s == 0 else None
+        )
+        twin.plot(k, [p["rm_score"] for p in pts], "s--", color="tab:purple", alpha=0.8,
+                  label="reward model, same samples" if s == 0 else None)  # fmt: skip
+    ax.set_xlabel("DPO-Iter round (0 = SFT)")
+    ax.set_ylabel("gold score, held-out prompts", color="tab:green")
+    twin.set_ylabel("reward-model score (raw logit), held-out prompts", color="tab:purple")
+    ax.set_title("DPO-Iter: gold vs the learned reward model it optimises", fontsize=9)
+    ax.grid(alpha=0.3)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+
+
+def plot_frontier(per_seed: list[dict], res: dict, out_path: str) -> str | None:
+    """Gold vs KL/seq along each run's checkpoints (offline DPO; PPO and DPO-Iter), every method's
+    measured envelope at the KL targets on both; DPO-Iter's gold and reward-model score per round."""
     plt = q.pyplot(out_path)
     if plt is None:
         return None
-    colors = {"sft": "tab:gray", "dpo": "tab:blue", "dpo_iter": "tab:green", "ppo": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for r in per_seed:
-        for n, x in r["rows"].items():
-            ax.plot(x["kl_to_sft"], x["gold_reward"], ".", color=colors[method_of(n)], alpha=0.3)
-    for m in ("sft", *METHODS):
-        pts = [(n, x) for n, x in summary["policies"].items() if method_of(n) == m]
-        pts.sort(key=lambda t: t[1]["kl_to_sft"]["mean"])
-        xs = [x["kl_to_sft"]["mean"] for _, x in pts]
-        ys = [x["gold_reward"]["mean"] for _, x in pts]
-        ax.errorbar(
-            xs, ys, xerr=[x["kl_to_sft"]["std"] for _, x in pts],
-            yerr=[x["gold_reward"]["std"] for _, x in pts],
-            fmt="o-", color=colors[m], capsize=3, label=m.upper().replace("_", "-"),
-        )  # fmt: skip
-        for (n, _), x, y in zip(pts, xs, ys, strict=True):
-            if "@" in n:
-                ax.annotate(
-                    n.split("@", 1)[1], (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points"
-                )
-    ax.set_xlabel("KL(policy || SFT), nats per sequence")
-    ax.set_ylabel("gold reward (held-out prompts)")
-    ax.set_title(f"E2: reward-KL frontier, synthetic reviews ({len(per_seed)} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    runs = per_seed[0]["runs"]
+    colors = run_colors([(n, r["method"]) for n, r in runs.items()], plt)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), dpi=110)
+    top = max(p["gold"] for r in per_seed for run in r["runs"].values() for p in run["points"])
+    for ax, (title, methods) in zip(axes, PANELS, strict=False):
+        _trajectories(ax, per_seed, methods, colors)
+        _envelopes(ax, res, plt)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("KL(policy || SFT), nats per sequence (symlog: linear below 1)")
+        ax.set_ylabel("gold score, held-out prompts (0 = floor of the scorer)")
+        ax.set_ylim(0, min(1.0, top + 0.1))
+        ax.set_title(f"E2 {title}, {len(per_seed)} seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    _iter_panel(axes[2], per_seed, res)
+    axes[2].set_ylim(0, min(1.0, top + 0.1))
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
 
 
-def main(argv=None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. seeds-1)")
-    ap.add_argument("--out", default="docs/results/e2", help="results directory")
-    ap.add_argument("--size", default="mini", choices=sorted(BASES), help="mini: the reported run")
-    ap.add_argument("--smoke", action="store_true", help="same as --size=smoke")
-    ap.add_argument("--workdir", default="workdirs/experiments", help="stage outputs (shared with E3)")
-    args = ap.parse_args(argv)
-    size = "smoke" if args.smoke else args.size
-    root = os.path.join(args.workdir, size)
-    t0 = time.perf_counter()
-    per_seed = []
-    for seed in range(args.seeds):
-        print(f"[e2] seed {seed} ...", flush=True)
-        per_seed.append(run_seed(size, seed, root))
-    summary = summarize(per_seed, SWEEPS[size].kl_targets)
-    results = {
+# ------------------------------------------------------------------------------------------ main
+def results(size: str, per_seed: list[dict], t0: float) -> dict[str, Any]:
+    """Everything the tables and the plot need, plus every setting of the run."""
+    sw = SWEEPS[size]
+    res = {
         "experiment": "e2_frontier",
         "size": size,
-        "sizes": dataclasses.asdict(BASES[size]),
-        "sweep": dataclasses.asdict(SWEEPS[size]),
-        "seeds": args.seeds,
-        "per_seed": per_seed,
-        "summary": summary,
-        "wall_s_total": round(time.perf_counter() - t0, 1),
-        "hardware": q.hardware(),
+        "seeds": len(per_seed),
+        "base_sizes": dataclasses.asdict(BASES[size]),
+        "sweep": dataclasses.asdict(sw),
+        "eval": "one sample per held-out prompt at temperature 1, sampling seed 1000 + seed for every "
+        "checkpoint; DPO-Iter's reward-model score on the same samples",
+        "statistics": "mean, sample std (ddof 1), 95% Student-t half-width t(0.975, n-1) * std / sqrt(n)",
+        "matched": matched(per_seed, sw.kl_targets),
+        "final": final_stats(per_seed),
     }
-    table = format_tables(summary, args.seeds)
-    q.write_outputs(
-        args.out, table, results, lambda path: plot_frontier(per_seed, summary, path), "frontier.png"
+    res["dpo_iter"] = iter_stats(per_seed)
+    res["per_seed"] = per_seed
+    res.update(
+        code_commit=git_commit(),
+        gold_score_commit=git_commit("jaxrlhf/tasks/reviews.py"),
+        uncommitted_files=uncommitted("jaxrlhf"),
+        wall_s_total=round(time.perf_counter() - t0, 1),
+        hardware=q.hardware(),
     )
-    print("\n" + table + f"\n\n[e2] {results['wall_s_total']:.0f}s; results in {args.out}/", flush=True)
-    return results
+    return res
+
+
+def run(size: str, seeds: int, workdir: str, out: str, cold_cache: bool = False) -> dict[str, Any]:
+    from jaxrlhf.trainer.harness import enable_compilation_cache
+
+    t0 = time.perf_counter()
+    root = os.path.join(workdir, size)
+    cache = os.path.join(root, "jax_cache_e2")
+    if cold_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    enable_compilation_cache(cache)  # seeds > 0 reuse seed 0's compiled steps
+    per_seed = []
+    for seed in range(seeds):
+        print(f"[e2] seed {seed} ...", flush=True)
+        per_seed.append(run_seed(size, seed, root))
+        print(f"[e2] seed {seed}: {per_seed[-1]['wall_s']:.0f}s", flush=True)
+    res = results(size, per_seed, t0)
+    res["cold_compilation_cache"] = cold_cache
+    q.write_outputs(
+        out, table_markdown(res), res, lambda path: plot_frontier(per_seed, res, path), "frontier.png"
+    )
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. seeds-1), each its own base")
+    ap.add_argument("--out", default="docs/results/e2", help="results directory")
+    ap.add_argument("--workdir", default="workdirs/experiments", help="root of the per-seed stages (shared)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes (the test uses it)")
+    ap.add_argument("--cold-cache", action="store_true", help="empty E2's compilation cache first (timing)")
+    a = ap.parse_args(argv)
+    if a.seeds < 1:
+        raise ValueError(f"--seeds={a.seeds}: need at least 1")
+    res = run("smoke" if a.smoke else "mini", a.seeds, a.workdir, a.out, a.cold_cache)
+    print(table_markdown(res), flush=True)
+    print(f"[e2] {res['wall_s_total']:.0f}s wall; results in {a.out}", flush=True)
+    return res
+
+
+# kept for e3_shift (until it imports jaxrlhf.experiments.common): mean ± std of a summary cell
+def _pm(x: dict) -> str:
+    if x.get("mean") is None:
+        return "-"
+    return f"{x['mean']:.3f} ± {x['std']:.3f}" if x.get("std") is not None else f"{x['mean']:.3f}"
 
 
 if __name__ == "__main__":

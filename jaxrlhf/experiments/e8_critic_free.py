@@ -34,53 +34,44 @@ import time
 
 import numpy as np
 
-from jaxrlhf import config_defaults as d
 from jaxrlhf import quickstart as q
 from jaxrlhf.experiments import e5_verifiable as e5
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 POLICIES = ("sft", "ppo", *ESTIMATORS)
-LOSS_AGG = {"grpo": "seq_mean", "dr_grpo": "seq_sum_norm", "rloo": "token_mean", "reinforce_pp": "token_mean"}
-SIZES = {"e8": "e5", "e8_smoke": "e5_smoke"}  # E8 uses E5's sizes (same SFT model and PPO)
+LOSS_AGG = e5.LOSS_AGG  # each estimator's published loss aggregation
+# E8's sizes: E5's sizes as E8 ran them (E5 has since grown: longer PPO, more held-out prompts),
+# registered in ``quickstart.SIZES`` under these names by ``run``.
+BASE_SIZES = {
+    "e8_base": dataclasses.replace(
+        q.SIZES["full"],
+        n_sft=4000,
+        n_train_prompts=512,
+        n_eval_prompts=256,
+        max_prompt_length=10,
+        max_length=18,
+        max_new_tokens=8,
+        sft_steps=300,
+        pair_samples=4,
+        dpo_steps=60,
+        dpo_lr=5e-4,
+        ppo_iterations=8,
+        ppo_rollout_batch=128,
+        ppo_minibatch=64,
+        ppo_lr=2e-4,
+        progress_bar=False,
+    ),
+    "e8_base_smoke": e5.SIZES["e5_smoke"],
+}
+SIZES = {"e8": "e8_base", "e8_smoke": "e8_base_smoke"}  # E8's size -> its base sizes (data, SFT, PPO)
 GROUP = {"e8": 4, "e8_smoke": 2}  # samples per prompt of the critic-free runs
 EVAL_SAMPLES = {"e8": 8, "e8_smoke": 4}
 
 
 def grpo_config(size: str, p: q.Paths, seed: int, estimator: str):
-    """The critic-free run matching E5's PPO run: same samples, steps, lr, reference and KL weight."""
-    s = q.SIZES[SIZES[size]]
-    g = GROUP[size]
-    c = d.base("grpo")
-    c.seed = seed
-    c.mesh = dict(data=1, fsdp=1, tensor=1)
-    c.progress_bar = False
-    c.model = d.model(p.sft_export)
-    c.model.dtype = "float32"
-    c.tokenizer = p.tokenizer
-    c.data = d.data(
-        path=p.train_prompts,
-        max_prompt_length=s.max_prompt_length,
-        max_length=s.max_prompt_length + s.max_new_tokens,
-        bucket=False,
-    )
-    c.reward = d.reward(fn=e5.REWARD_FN, missing_eos_penalty=0.0, shaping=False)
-    c.ref = d.ref(ema_decay=s.ppo_ema_decay)
-    c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)
-    c.grpo = d.grpo(
-        iterations=s.ppo_iterations,
-        prompts_per_iteration=s.ppo_rollout_batch // g,
-        samples_per_prompt=g,
-        minibatch_size=s.ppo_minibatch,
-        epochs=s.ppo_epochs,
-        estimator=estimator,
-        loss_agg=LOSS_AGG[estimator],
-        kl_coef=s.ppo_kl_coef,
-        kl_estimator="k1" if estimator == "reinforce_pp" else "k3",
-    )
-    c.optim = d.optim(lr=s.ppo_lr, warmup_steps=0, schedule="constant")
-    c.checkpoint.every = s.ppo_iterations
-    c.log_every = max(1, s.ppo_iterations // 4)
-    return c
+    """The critic-free run matching E5's PPO run: same samples, steps, lr, reference and KL weight
+    (``e5_verifiable.grpo_config``, shared with E5, at E8's group size)."""
+    return e5.grpo_config(SIZES[size], p, seed, estimator, GROUP[size])
 
 
 def train_runs(size: str, p: q.Paths, seed: int, info: dict, methods=POLICIES[1:]) -> dict[str, str]:
@@ -126,7 +117,7 @@ def _samples(c) -> int:
 def run(size: str, seeds: int, workdir: str, out: str, methods=POLICIES[1:]) -> dict:
     from jaxrlhf import evaluate
 
-    q.SIZES.update(e5.SIZES)
+    q.SIZES.update(BASE_SIZES)
     s = q.SIZES[SIZES[size]]
     t_start = time.perf_counter()
     p = q.Paths(workdir)

@@ -13,7 +13,8 @@ Two tasks, each seed with its own SFT model (independent bases):
   * ``verifiable``  sparse 1/0 checker (``jaxrlhf.tasks.verifiable``, E5's easy tasks): per seed E5's
                     data and an SFT model trained from scratch with that seed (``e5_verifiable.
                     stage_data``) in ``<workdir>/verifiable/seed{N}``; PPO with the checker as reward,
-                    critic from SFT; judged by pass@1 (one sample per held-out prompt) and KL to SFT.
+                    critic from SFT; judged by pass@1 (one sample per held-out prompt; held-out
+                    prompts are neither SFT nor PPO prompts) and KL to SFT.
 
 Every PPO run takes the same number of optimizer steps (``Schedule.iterations x epochs x rollout /
 minibatch`` >= 320) with the same learning rate. Variants (``variants``):
@@ -176,7 +177,7 @@ def base_stages(task: str, size_name: str, p: q.Paths) -> dict[str, Any]:
     out = {}
     os.makedirs(p.workdir, exist_ok=True)
     if not q.stage_done("data", p):
-        out["data"] = e5.stage_data(q.SIZES[size_name], p)
+        out["data"] = e5.stage_data(q.SIZES[size_name], p, disjoint_train=True)  # held-out: no SFT/RL prompt
     if not q.stage_done("sft", p):
         t0 = time.perf_counter()
         out["sft"] = q.train_stage("sft", size_name, p)["last"]

@@ -68,6 +68,39 @@ def test_matched_kl_targets_envelope_and_paired_differences():
     )
 
 
+def test_pairwise_targets_are_reached_by_both_runs():
+    plan = e3.dataclasses.replace(e3.PLANS["smoke"], kl_fractions=(0.5, 1.0))
+    s0 = _seed({
+        "dpo_own": [_pt(10, 2.0, 0.45), _pt(20, 6.0, 0.60)],
+        "dpo_other": [_pt(10, 3.0, 0.40), _pt(20, 8.0, 0.35)],
+        "dpo_iter": [_pt(10, 5.0, 0.50), _pt(20, 12.0, 0.55)],
+    })  # fmt: skip
+    out = e3.pairwise([s0], plan)
+    assert "dpo_own" not in out["vs dpo_own 1x"] and "dpo_other" in out["vs dpo_own 1x"]
+    # dpo_other vs dpo_own: min(8, 6) = 6 -> envelopes 0.40 (KL 3), 0.60 (KL 6); at 0.5x (3.0): 0.40 vs 0.45.
+    r = out["vs dpo_own 1x"]["dpo_other"]
+    assert r["target_kl_seq"]["values"] == [6.0] and r["envelope_diff"]["values"] == [pytest.approx(-0.20)]
+    assert r["baseline_envelope_gold"]["values"] == [0.60] and r["envelope_gold"]["values"] == [0.40]
+    assert out["vs dpo_own 0.5x"]["dpo_other"]["envelope_diff"]["values"] == [pytest.approx(-0.05)]
+    # dpo_iter vs dpo_other: min(12, 8) = 8 -> 0.50 (KL 5) vs 0.40 (KL 3); closest: KL 5 (gap -3) vs KL 8.
+    r = out["vs dpo_other 1x"]["dpo_iter"]
+    assert r["envelope_diff"]["values"] == [pytest.approx(0.10)]
+    assert r["closest_kl_gap"]["values"] == [-3.0] and r["baseline_closest_kl_gap"]["values"] == [0.0]
+    assert r["closest_diff"]["values"] == [pytest.approx(0.50 - 0.35)]
+    # a method whose only checkpoint lies above the baseline's range: envelope = A (gold 0.30, KL 0).
+    assert out["vs dpo_own 0.5x"]["sft_chosen"]["envelope_gold"]["values"] == [0.30]
+
+
+def test_mean_points_over_sampling_keys():
+    k1 = [{"checkpoint": 5, "gold": 0.2, "gold_sem": 0.03, "kl_seq": 1.0, "prompts": 256}]
+    k2 = [{"checkpoint": 5, "gold": 0.4, "gold_sem": 0.04, "kl_seq": 3.0, "prompts": 256}]
+    (m,) = e3.mean_points([k1, k2], per_checkpoint=True)
+    assert m == {"checkpoint": 5, "gold": pytest.approx(0.3), "gold_sem": pytest.approx(0.025), "kl_seq": 2.0,
+                 "prompts": 512}  # fmt: skip
+    with pytest.raises(AssertionError, match="different checkpoints"):
+        e3.mean_points([k1, [dict(k2[0], checkpoint=10)]], per_checkpoint=True)
+
+
 def test_write_chosen_sft(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": "the movie was", "chosen": " great .", "rejected": " bad ."},
@@ -116,6 +149,12 @@ def check_tables_against_results(md: str, res: dict) -> int:
     sections = [("Final checkpoints", s["final"], "method")]
     sections += [(f"Matched KL: target = {k} the smallest largest-KL of the methods (per seed)", v, "method")
                  for k, v in s["matched"].items()]  # fmt: skip
+    for key, v in s["pairwise"].items():
+        base, frac = key.removeprefix("vs ").split(" ")
+        heading = (
+            f"Pairwise matched KL vs {base}: target = {frac} the smaller largest-KL of the two (per seed)"
+        )
+        sections.append((heading, v, "method"))
     labels = {"A (own samples)": "own", "B (other model)": "other"}
     data_rows = tables[next(h for h in tables if h.startswith("Preference data"))]
     assert [labels[r["pairs from"]] for r in data_rows] == ["own", "other"]
@@ -171,6 +210,7 @@ def test_e3_smoke_end_to_end(tmp_path):
         pts = r["points"][m]
         assert pts[0]["run"] == "sft" and abs(pts[0]["kl_seq"]) < 1e-4, m
         assert len(pts) >= 2 and all(math.isfinite(p["gold"]) and 0 <= p["gold"] <= 1 for p in pts), m
+        assert all(p["prompts"] == 2 * 16 for p in pts), m  # 2 sampling keys x the 16 smoke eval prompts
     # ... the DPO-family runs from A (model.path) and sft_chosen_dpo from sft_chosen's export, which is
     # also its reference; the shifted runs read B's pairs.
     cfg = {m: r["runs"][m]["config"] for m in e3.METHODS}
@@ -214,7 +254,7 @@ def test_e3_smoke_end_to_end(tmp_path):
         saved = json.load(f)
     with open(os.path.join(out, "table.md")) as f:
         md = f.read()
-    assert md == e3.table_markdown(saved)
+    assert md == e3.table_markdown(saved) + "\n"  # write_outputs ends the file with a newline
     assert check_tables_against_results(md, saved) > 50
     assert saved["plan"] == json.loads(json.dumps(e3.dataclasses.asdict(e3.PLANS["smoke"])))
     for key in ("code_commit", "hardware", "wall_s_total", "wall_s_without_base_stages", "sizes_A"):
@@ -235,7 +275,7 @@ def test_committed_results_match_the_tables_and_the_docs():
         pytest.skip("docs/results/e3 holds the old design's results (no plan)")
     with open(os.path.join(ROOT, "docs", "results", "e3", "table.md")) as f:
         md = f.read()
-    assert md == e3.table_markdown(res)
+    assert md == e3.table_markdown(res) + "\n"
     assert check_tables_against_results(md, res) > 100
     with open(os.path.join(ROOT, "docs", "experiments_e3.md")) as f:
         page = f.read()

@@ -25,13 +25,15 @@ Per seed, on synthetic reviews (``jaxrlhf.tasks.reviews``):
                     preference data as dpo_other, used through a learned labeller), DPO steps.
 
 Every checkpoint (and A itself, KL 0) is scored on held-out prompts by ``common.CheckpointEvaluator``
-against **A** (the deployed SFT model; sft_chosen_dpo's own reference is not A): gold score of one
-sampled completion per prompt, KL(policy || A) per sequence and per token, length, degeneracy.
-Methods are compared at matched KL on measured points only: per seed the targets are
-``Plan.kl_fractions`` x the smallest largest-KL of all methods (so every method reaches them); a
-method's value is its upper envelope (best gold among its checkpoints with KL <= target, A
-included) and its checkpoint closest to the target (with the KL gap); paired differences by seed vs
-dpo_own and vs dpo_other. Statistics: mean, sample std (ddof 1), 95% Student-t half-width.
+against **A** (the deployed SFT model; sft_chosen_dpo's own reference is not A): gold score of
+``Plan.eval_samples`` sampled completions per prompt (fixed sampling keys, averaged), KL(policy || A)
+per sequence and per token, length, degeneracy. Methods are compared at matched KL on measured
+points only, never interpolated: a method's value at a KL target is its upper envelope (best gold
+among its checkpoints with KL <= target, A included) and its checkpoint closest to the target (with
+the KL gap). Targets, per seed, are ``Plan.kl_fractions`` x (a) the smallest largest-KL of all
+methods (every method reaches them: ``matched``) and (b) the smaller largest-KL of a method and a
+baseline, dpo_own or dpo_other (both reach them: ``pairwise``). Differences are paired by seed.
+Statistics: mean, sample std (ddof 1), 95% Student-t half-width.
 
 Writes ``table.md``, ``results.json`` (every setting and run config, the code commit, wall time,
 hardware) and ``gold_vs_kl.png`` to ``--out``.
@@ -85,6 +87,7 @@ class Plan:
     iter_prompts_per_round: int
     iter_ckpt_every: int  # rounds between evaluated checkpoints
     kl_fractions: tuple[float, ...]  # matched-KL targets: fractions of the smallest largest-KL
+    eval_samples: int  # sampled completions per held-out prompt (one sampling key each), averaged
     nll_pairs: int  # pairs whose chosen answers the NLL gap is measured on
 
 
@@ -93,13 +96,13 @@ PLANS = {
         b_seed_offset=100, b_sentiment="positive", b_model=common.MINI.model, b_sft_steps=85,
         b_sft_lr=common.MINI.sft_lr, beta=0.1, dpo_lr=2e-4, dpo_steps=80, ckpt_every=10, nll_coef=1.0,
         sft_chosen_steps=20, sft_chosen_lr=1e-3, sft_chosen_ckpt_every=4, iter_rounds=16,
-        iter_prompts_per_round=64, iter_ckpt_every=2, kl_fractions=(0.25, 0.5, 1.0), nll_pairs=256,
+        iter_prompts_per_round=64, iter_ckpt_every=2, kl_fractions=(0.5, 1.0), eval_samples=2, nll_pairs=256,
     ),
     "smoke": Plan(
         b_seed_offset=100, b_sentiment="positive", b_model=q._SMOKE_MODEL, b_sft_steps=6, b_sft_lr=1e-2,
         beta=0.1, dpo_lr=1e-3, dpo_steps=4, ckpt_every=2, nll_coef=1.0, sft_chosen_steps=4,
-        sft_chosen_lr=1e-3, sft_chosen_ckpt_every=2, iter_rounds=2, iter_prompts_per_round=8, iter_ckpt_every=1,
-        kl_fractions=(0.5, 1.0), nll_pairs=64,
+        sft_chosen_lr=1e-3, sft_chosen_ckpt_every=2, iter_rounds=2, iter_prompts_per_round=8,
+        iter_ckpt_every=1, kl_fractions=(0.5, 1.0), eval_samples=2, nll_pairs=64,
     ),
 }  # fmt: skip
 METHODS = ("dpo_own", "dpo_other", "sft_chosen", "sft_chosen_dpo", "dpo_other_nll", "dpo_iter")
@@ -274,19 +277,19 @@ def train_seed(size: str, seed: int, root: str, plan: Plan, cache: str) -> dict[
     if not os.path.exists(chosen):
         write_chosen_sft(b.pairs, chosen)
     t_b = time.perf_counter() - t0 - t_base
+
+    def run(config, stage: str) -> dict[str, Any]:
+        return train_run(config, a.stage_dir(stage))
+
     runs = {
-        "dpo_own": train_run(dpo_config(name, a, plan, cache, a.pairs, a.sft_export), a.stage_dir("e3_dpo_own")),
-        "dpo_other": train_run(dpo_config(name, a, plan, cache, b.pairs, a.sft_export), a.stage_dir("e3_dpo_other")),
-        "sft_chosen": train_run(sft_chosen_config(name, a, plan, cache, chosen), a.stage_dir("e3_sft_chosen")),
-    }  # fmt: skip
-    runs["sft_chosen_dpo"] = train_run(
-        dpo_config(name, a, plan, cache, b.pairs, runs["sft_chosen"]["export"]),
-        a.stage_dir("e3_sft_chosen_dpo"),
-    )
-    runs["dpo_other_nll"] = train_run(
-        dpo_config(name, a, plan, cache, b.pairs, a.sft_export, plan.nll_coef),
-        a.stage_dir("e3_dpo_other_nll"),
-    )
+        "dpo_own": run(dpo_config(name, a, plan, cache, a.pairs, a.sft_export), "e3_dpo_own"),
+        "dpo_other": run(dpo_config(name, a, plan, cache, b.pairs, a.sft_export), "e3_dpo_other"),
+        "sft_chosen": run(sft_chosen_config(name, a, plan, cache, chosen), "e3_sft_chosen"),
+    }
+    start = runs["sft_chosen"]["export"]
+    runs["sft_chosen_dpo"] = run(dpo_config(name, a, plan, cache, b.pairs, start), "e3_sft_chosen_dpo")
+    nll = dpo_config(name, a, plan, cache, b.pairs, a.sft_export, plan.nll_coef)
+    runs["dpo_other_nll"] = run(nll, "e3_dpo_other_nll")
     rm = train_run(rm_other_config(name, a, b, cache), a.stage_dir("e3_rm_other"))
     runs["dpo_iter"] = train_run(
         dpo_iter_config(name, a, plan, cache, rm["export"]), a.stage_dir("e3_dpo_iter")
@@ -306,11 +309,12 @@ def evaluate_seed(size: str, seed: int, tr: dict[str, Any], plan: Plan) -> dict[
     ev = common.CheckpointEvaluator(
         q.load_config("evaluate", name, a.workdir), a.sft_export, s.eval_batch, 1000 + seed
     )
-    sft_point = {"checkpoint": 0, "step": 0, "run": "sft", **ev(ev.sft_params)}
+    keys = [1000 * (k + 1) + seed for k in range(plan.eval_samples)]  # one sampling key per sample
+    sft_point = {"checkpoint": 0, "step": 0, "run": "sft", **mean_points([_eval_sft(ev, k) for k in keys])}
     unit = {m: 1 for m in METHODS} | {"dpo_iter": plan.dpo_steps // plan.iter_rounds}
     run_pts = {}
     for m in METHODS:
-        pts = common.run_points(ev, a.stage_dir(RUN_DIRS[m]), "e3_points.json")
+        pts = mean_points([_run_points(ev, a.stage_dir(RUN_DIRS[m]), k) for k in keys], per_checkpoint=True)
         offset = plan.sft_chosen_steps if m == "sft_chosen_dpo" else 0  # steps after A
         run_pts[m] = [dict(pt, step=offset + pt["checkpoint"] * unit[m], run=m) for pt in pts]
     points = {m: [sft_point, *run_pts[m]] for m in METHODS}
@@ -325,6 +329,31 @@ def evaluate_seed(size: str, seed: int, tr: dict[str, Any], plan: Plan) -> dict[
     return {"sft": sft_point, "points": points, "data": data, "eval_s": round(time.perf_counter() - t0, 1)}
 
 
+def _eval_sft(ev, key: int) -> dict[str, float]:
+    ev.seed = key
+    return ev(ev.sft_params)
+
+
+def _run_points(ev, run_dir: str, key: int) -> list[dict]:
+    ev.seed = key  # CheckpointEvaluator reads its sampling seed at each call
+    return common.run_points(ev, run_dir, f"e3_points_key{key}.json")
+
+
+def mean_points(samples: list, per_checkpoint: bool = False):
+    """The mean over sampling keys of the evaluator's numeric fields (``gold_sem`` combined as the
+    standard error of the mean of independent means, ``prompts`` summed); with ``per_checkpoint``,
+    ``samples`` are lists of points matched by position (the same checkpoints)."""
+    if per_checkpoint:
+        return [mean_points(list(group)) for group in zip(*samples, strict=True)]
+    out = {k: float(np.mean([x[k] for x in samples])) for k in samples[0]}
+    out["gold_sem"] = float(np.sqrt(sum(x["gold_sem"] ** 2 for x in samples)) / len(samples))
+    out["prompts"] = sum(x["prompts"] for x in samples)
+    if "checkpoint" in samples[0]:
+        assert len({x["checkpoint"] for x in samples}) == 1, "sampling keys scored different checkpoints"
+        out["checkpoint"] = samples[0]["checkpoint"]
+    return out
+
+
 def run_seed(size: str, seed: int, root: str, plan: Plan, cache: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     tr = train_seed(size, seed, root, plan, cache)
@@ -336,15 +365,19 @@ def run_seed(size: str, seed: int, root: str, plan: Plan, cache: str) -> dict[st
 
 
 # ------------------------------------------------------------------------------------ statistics
+def max_kl(points: list[dict]) -> float:
+    return max(pt["kl_seq"] for pt in points)
+
+
 def kl_targets(seed_res: dict, plan: Plan) -> list[float]:
-    """The seed's matched-KL targets: fractions of the smallest largest-KL over the methods."""
-    common_max = min(max(pt["kl_seq"] for pt in pts) for pts in seed_res["points"].values())
-    return [f * common_max for f in plan.kl_fractions]
+    """The seed's common matched-KL targets: fractions of the smallest largest-KL over the methods."""
+    top = min(max_kl(pts) for pts in seed_res["points"].values())
+    return [f * top for f in plan.kl_fractions]
 
 
 def matched(per_seed: list[dict], plan: Plan) -> dict[str, Any]:
-    """Per KL fraction and method: target, envelope gold, closest-point gold and KL gap, and the
-    paired (same seed) differences of both vs ``BASELINES``."""
+    """Per KL fraction and method, at targets every method reaches (``kl_targets``): envelope gold,
+    closest-point gold and KL gap, and the paired (same seed) differences of both vs ``BASELINES``."""
     out: dict[str, Any] = {}
     for i, frac in enumerate(plan.kl_fractions):
         key = f"{frac:g}x"
@@ -363,6 +396,38 @@ def matched(per_seed: list[dict], plan: Plan) -> dict[str, Any]:
                     cols.setdefault(f"envelope_diff_vs_{base}", []).append(e["gold"] - eb["gold"])
                     cols.setdefault(f"closest_diff_vs_{base}", []).append(c["gold"] - cb["gold"])
             out[key][m] = {k: t_interval(v) for k, v in cols.items()}
+    return out
+
+
+def pairwise(per_seed: list[dict], plan: Plan) -> dict[str, Any]:
+    """Per baseline, KL fraction and method, at targets both runs reach: per seed ``fraction x
+    min(largest KL of the method, largest KL of the baseline)``; envelope gold of both and their
+    difference, closest-point KL gaps and gold difference (method minus baseline, same seed)."""
+    out: dict[str, Any] = {}
+    for base in BASELINES:
+        for frac in plan.kl_fractions:
+            key = f"vs {base} {frac:g}x"
+            out[key] = {}
+            for m in (x for x in METHODS if x != base):
+                cols: dict[str, list] = {}
+                for r in per_seed:
+                    pm, pb = r["points"][m], r["points"][base]
+                    target = frac * min(max_kl(pm), max_kl(pb))
+                    e, eb, c, cb = (
+                        envelope(pm, target),
+                        envelope(pb, target),
+                        closest(pm, target),
+                        closest(pb, target),
+                    )
+                    for k, v in (
+                        ("target_kl_seq", target), ("envelope_gold", e["gold"]),
+                        ("baseline_envelope_gold", eb["gold"]), ("envelope_diff", e["gold"] - eb["gold"]),
+                        ("closest_kl_gap", c["kl_seq"] - target),
+                        ("baseline_closest_kl_gap", cb["kl_seq"] - target),
+                        ("closest_diff", c["gold"] - cb["gold"]),
+                    ):  # fmt: skip
+                        cols.setdefault(k, []).append(v)
+                out[key][m] = {k: t_interval(v) for k, v in cols.items()}
     return out
 
 
@@ -393,7 +458,10 @@ def data_stats(per_seed: list[dict]) -> dict[str, Any]:
 DATA_COLS = (("pairs", 0), ("sft_gold_mean", 3), ("chosen_gold_mean", 3), ("rejected_gold_mean", 3),
              ("chosen_nll_under_A", 3))  # fmt: skip
 FINAL_COLS = (("gold", 3), ("kl_seq", 2), ("kl_token", 3), ("response_length", 1), ("frac_positive", 3),
-              ("repeat_3gram_frac", 3), ("distinct_2", 3), ("out_of_grammar_frac", 4), ("train_wall_s", 0))  # fmt: skip
+              ("repeat_3gram_frac", 3), ("distinct_2", 3), ("out_of_grammar_frac", 4),
+              ("train_wall_s", 0))  # fmt: skip
+PAIR_COLS = (("target_kl_seq", 2), ("envelope_gold", 3), ("baseline_envelope_gold", 3), ("envelope_diff", 3),
+             ("closest_kl_gap", 2), ("baseline_closest_kl_gap", 2), ("closest_diff", 3))  # fmt: skip
 MATCHED_COLS = (("target_kl_seq", 2), ("envelope_gold", 3), ("envelope_diff_vs_dpo_own", 3),
                 ("envelope_diff_vs_dpo_other", 3), ("closest_gold", 3), ("closest_kl_gap", 2),
                 ("closest_diff_vs_dpo_own", 3), ("closest_diff_vs_dpo_other", 3))  # fmt: skip
@@ -428,6 +496,15 @@ def table_markdown(res: dict) -> str:
     for key, rows in s["matched"].items():
         out += ["", f"### Matched KL: target = {key} the smallest largest-KL of the methods (per seed)", ""]
         out += _table(rows, MATCHED_COLS, "method")
+    for key, rows in s["pairwise"].items():
+        base, frac = key.removeprefix("vs ").split(" ")
+        out += [
+            "",
+            f"### Pairwise matched KL vs {base}: target = {frac} the smaller largest-KL of the two "
+            "(per seed)",
+            "",
+        ]
+        out += _table(rows, PAIR_COLS, "method")
     return "\n".join(out)
 
 
@@ -490,10 +567,14 @@ def run(size: str, seeds: int, workdir: str, out: str) -> dict[str, Any]:
         "sizes_A": dataclasses.asdict(BASES[size]),
         "plan": dataclasses.asdict(plan),
         "methods": list(METHODS),
-        "eval": "one sample per held-out prompt at temperature 1, sampling seed 1000 + seed for every checkpoint; "
-        "KL to A (the deployed SFT model) for every policy",
+        "eval": f"{plan.eval_samples} samples per held-out prompt at temperature 1 (sampling seeds "
+        "1000 k + seed, k = 1.., the same for every checkpoint of a seed), metrics averaged over them; "
+        "KL to A (the deployed SFT model)",
         "statistics": "mean, sample std (ddof 1), 95% Student-t half-width t(0.975, n-1) * std / sqrt(n)",
-        "summary": {"data": data_stats(per_seed), "final": final_stats(per_seed), "matched": matched(per_seed, plan)},
+        "summary": {
+            "data": data_stats(per_seed), "final": final_stats(per_seed), "matched": matched(per_seed, plan),
+            "pairwise": pairwise(per_seed, plan),
+        },
         "per_seed": per_seed,
         "code_commit": common.git_commit(),
         "gold_score_commit": common.git_commit("jaxrlhf/tasks/reviews.py"),

@@ -55,21 +55,22 @@ def _all_points(seed, method):
     return pts
 
 
-def test_matched_envelope_closest_and_paired_differences_against_loops():
-    out = e2.matched(SEEDS, (1.0, 2.0))
-    for target in (1.0, 2.0):
+@pytest.mark.parametrize("kl,scale", [("kl_seq", 1.0), ("kl_token", 0.1)])
+def test_matched_envelope_closest_and_paired_differences_against_loops(kl, scale):
+    out = e2.matched(SEEDS, (1.0 * scale, 2.0 * scale), kl)
+    for target in (1.0 * scale, 2.0 * scale):
         block = out[f"{target:g}"]
         best = {}
         for m in e2.METHODS:
             env, clo_gold, gap = [], [], []
             for s in SEEDS:
                 pts = _all_points(s, m)
-                ok = [p for p in pts if p["kl_seq"] <= target]  # SFT (KL 0) always qualifies
+                ok = [p for p in pts if p[kl] <= target]  # SFT (KL 0) always qualifies
                 env.append(max(p["gold"] for p in ok))
                 trained = [p for p in pts if p["checkpoint"] > 0]
-                c = sorted(trained, key=lambda p: abs(p["kl_seq"] - target))[0]
+                c = sorted(trained, key=lambda p: abs(p[kl] - target))[0]
                 clo_gold.append(c["gold"])
-                gap.append(c["kl_seq"] - target)
+                gap.append(c[kl] - target)
             best[m] = env
             r = block["methods"][m]
             assert r["envelope_gold"]["values"] == pytest.approx(env)
@@ -80,11 +81,12 @@ def test_matched_envelope_closest_and_paired_differences_against_loops():
             d = [a - b for a, b in zip(best["dpo"], best[m], strict=True)]
             got = block["paired"][f"dpo - {m}"]["envelope"]
             assert (got["mean"], got["ci95"]) == pytest.approx(_ci(d))
+    k1, k2 = f"{1.0 * scale:g}", f"{2.0 * scale:g}"
     # spot values by hand: seed 0's DPO envelope at KL 1 is its (0.9, 0.45) point, at KL 2 (1.5, 0.50)
-    assert out["1"]["methods"]["dpo"]["envelope_gold"]["values"][0] == pytest.approx(0.45)
-    assert out["2"]["methods"]["dpo"]["envelope_gold"]["values"][0] == pytest.approx(0.50)
+    assert out[k1]["methods"]["dpo"]["envelope_gold"]["values"][0] == pytest.approx(0.45)
+    assert out[k2]["methods"]["dpo"]["envelope_gold"]["values"][0] == pytest.approx(0.50)
     # seed 1's PPO at KL 1: nothing above SFT below 1 except (0.9, 0.28) and (0.2, 0.21) -> 0.28
-    assert out["1"]["methods"]["ppo"]["envelope_gold"]["values"][1] == pytest.approx(0.28)
+    assert out[k1]["methods"]["ppo"]["envelope_gold"]["values"][1] == pytest.approx(0.28)
 
 
 def test_with_rm_aligns_each_checkpoint_with_the_same_policys_logged_score():
@@ -112,6 +114,8 @@ def test_iter_stats_over_optimisation_deltas():
     assert ch["gold_final_minus_best"]["values"] == pytest.approx([-0.3, 0.0])
     assert ch["rm_final_minus_best_gold_round"]["values"] == pytest.approx([2.0, 0.0])
     assert ch["best_gold_round"] == [1, 2]
+    assert [x for pair in ch["gold_best_final"] for x in pair] == pytest.approx([0.5, 0.2, 0.3, 0.3])
+    assert [x for pair in ch["rm_best_final"] for x in pair] == pytest.approx([1.0, 3.0, 0.4, 0.4])
     assert st["rounds"][1]["gold"]["mean"] == pytest.approx(0.375)
     assert st["rounds"][0]["rm_logged"]["n"] == 0
 
@@ -149,4 +153,9 @@ def test_e2_smoke_two_seeds(tmp_path):
     with open(os.path.join(out, "table.md")) as f:
         assert f.read() == e2.table_markdown(saved) + "\n"
     assert saved["sweep"]["dpo_betas"] == list(sw.dpo_betas) and saved["seeds"] == 2
-    assert set(saved["matched"][f"{sw.kl_targets[0]:g}"]["methods"]) == set(e2.METHODS)
+    assert set(saved["matched"]["kl_seq"][f"{sw.kl_targets[0]:g}"]["methods"]) == set(e2.METHODS)
+    assert set(saved["matched"]["kl_token"]) == {f"{t:g}" for t in sw.kl_token_targets}
+    # --restat recomputes the same tables from the stored per-seed scores alone
+    again = e2.main(["--restat", os.path.join(out, "results.json"), f"--out={tmp_path / 'restat'}"])
+    assert e2.table_markdown(again) == e2.table_markdown(saved)
+    assert again["wall_s_total"] == saved["wall_s_total"]

@@ -80,6 +80,7 @@ class Sweep:
     iter_steps_per_round: int
     iter_lr: float
     kl_targets: tuple[float, ...]  # matched-KL targets, nats per sequence
+    kl_token_targets: tuple[float, ...]  # matched-KL targets, nats per response token
 
 
 SWEEPS = {
@@ -100,8 +101,9 @@ SWEEPS = {
         iter_steps_per_round=8,
         iter_lr=2e-4,
         kl_targets=(1.0, 2.0, 4.0, 6.0),
+        kl_token_targets=(0.1, 0.2, 0.4),  # chosen after the run: the range every method covers
     ),
-    "smoke": Sweep((0.1,), 4, 1e-3, 2, (0.05,), 0.05, 0.9, 2, 1e-4, 1, 0.1, 2, 8, 2, 1e-3, (0.5,)),
+    "smoke": Sweep((0.1,), 4, 1e-3, 2, (0.05,), 0.05, 0.9, 2, 1e-4, 1, 0.1, 2, 8, 2, 1e-3, (0.5,), (0.05,)),
 }
 METHODS = ("dpo", "ppo", "ppo_ema", "dpo_iter")  # matched-KL groups (a group = all its runs' points)
 BASELINE = "dpo"  # paired differences: BASELINE - each other method
@@ -312,22 +314,37 @@ def method_points(seed_res: dict, method: str) -> list[dict]:
     return [seed_res["sft"], *(pt for r in runs for pt in r["points"][1:])]
 
 
-def matched(per_seed: list[dict], targets) -> dict[str, Any]:
-    """Per KL target and method: the envelope's gold and KL, the closest point's gold and KL gap;
-    per target, ``BASELINE - method`` paired by seed for the envelope and the closest point."""
+def envelope_by(points: list[dict], target: float, kl: str) -> dict:
+    """``common.envelope`` on the KL ``kl`` ("kl_seq" or "kl_token"): the best-gold point with KL <= target."""
+    if kl == "kl_seq":
+        return envelope(points, target)
+    return max((pt for pt in points if pt[kl] <= target), key=lambda pt: pt["gold"])
+
+
+def closest_by(points: list[dict], target: float, kl: str) -> dict:
+    """``common.closest`` on the KL ``kl``: the trained point whose KL is nearest the target."""
+    if kl == "kl_seq":
+        return closest(points, target)
+    trained = [pt for pt in points if pt["step"] > 0] or points
+    return min(trained, key=lambda pt: abs(pt[kl] - target))
+
+
+def matched(per_seed: list[dict], targets, kl: str = "kl_seq") -> dict[str, Any]:
+    """Per KL target (on ``kl``) and method: the envelope's gold and KLs, the closest point's gold
+    and KL gap; per target, ``BASELINE - method`` paired by seed for the envelope and the closest."""
     out: dict[str, Any] = {}
     for target in targets:
         key = f"{target:g}"
         rows, env, clo = {}, {}, {}
         for m in METHODS:
-            env[m] = [envelope(method_points(r, m), target) for r in per_seed]
-            clo[m] = [closest(method_points(r, m), target) for r in per_seed]
+            env[m] = [envelope_by(method_points(r, m), target, kl) for r in per_seed]
+            clo[m] = [closest_by(method_points(r, m), target, kl) for r in per_seed]
             rows[m] = {
                 "envelope_gold": t_interval([e["gold"] for e in env[m]]),
                 "envelope_kl_seq": t_interval([e["kl_seq"] for e in env[m]]),
                 "envelope_kl_token": t_interval([e["kl_token"] for e in env[m]]),
                 "closest_gold": t_interval([c["gold"] for c in clo[m]]),
-                "closest_kl_gap": t_interval([c["kl_seq"] - target for c in clo[m]]),
+                "closest_kl_gap": t_interval([c[kl] - target for c in clo[m]]),
             }
         diffs = {}
         for m in METHODS:
@@ -391,6 +408,8 @@ def iter_stats(per_seed: list[dict]) -> dict[str, Any]:
             [p[-1]["rm_score"] - b["rm_score"] for p, b in zip(pts, best, strict=True)]
         ),
         "best_gold_round": [b["checkpoint"] for b in best],
+        "gold_best_final": [(b["gold"], p[-1]["gold"]) for p, b in zip(pts, best, strict=True)],
+        "rm_best_final": [(b["rm_score"], p[-1]["rm_score"]) for p, b in zip(pts, best, strict=True)],
         "rm_eval_kl_mismatch_max": max(pt["rm_eval_kl_mismatch"] for p in pts for pt in p),
     }
     return {"run": name, "rounds": rounds, "change": change}
@@ -401,9 +420,12 @@ def _row(label: str, cells) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def table_matched(res: dict) -> list[str]:
+KL_UNITS = {"kl_seq": "KL/seq target", "kl_token": "KL/token target"}
+
+
+def table_matched(res: dict, kl: str) -> list[str]:
     cols = (
-        "KL target",
+        KL_UNITS[kl],
         "method",
         "envelope gold",
         "envelope KL/seq",
@@ -412,7 +434,7 @@ def table_matched(res: dict) -> list[str]:
         "closest KL gap",
     )
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for key, block in res["matched"].items():
+    for key, block in res["matched"][kl].items():
         for m, r in block["methods"].items():
             cells = [key, m, fmt(r["envelope_gold"]), fmt(r["envelope_kl_seq"], 2), fmt(r["envelope_kl_token"]),
                      fmt(r["closest_gold"]), fmt(r["closest_kl_gap"], 2)]  # fmt: skip
@@ -420,12 +442,13 @@ def table_matched(res: dict) -> list[str]:
     return lines
 
 
-def table_paired(res: dict) -> list[str]:
-    keys = list(res["matched"])
-    cols = [f"{kind} @ KL {k}" for k in keys for kind in ("envelope", "closest")]
+def table_paired(res: dict, kl: str) -> list[str]:
+    block = res["matched"][kl]
+    unit = {"kl_seq": "KL/seq", "kl_token": "KL/token"}[kl]
+    cols = [f"{kind} @ {unit} {k}" for k in block for kind in ("envelope", "closest")]
     lines = ["| difference (gold) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for d in res["matched"][keys[0]]["paired"]:
-        cells = [fmt(res["matched"][k]["paired"][d][kind]) for k in keys for kind in ("envelope", "closest")]
+    for d in next(iter(block.values()))["paired"]:
+        cells = [fmt(block[k]["paired"][d][kind]) for k in block for kind in ("envelope", "closest")]
         lines.append(_row(d, cells))
     return lines
 
@@ -463,6 +486,9 @@ def table_iter(res: dict) -> list[str]:
     ):
         lines.append(_row(key, [fmt(ch[key])]))
     lines.append(_row("round of best gold, per seed", [", ".join(str(b) for b in ch["best_gold_round"])]))
+    for key, label in (("gold_best_final", "gold at best round -> final, per seed"),
+                       ("rm_best_final", "RM score at best-gold round -> final, per seed")):  # fmt: skip
+        lines.append(_row(label, [", ".join(f"{a:.3f} -> {b:.3f}" for a, b in ch[key])]))
     return lines
 
 
@@ -475,14 +501,22 @@ def table_markdown(res: dict) -> str:
             "held-out prompts, one sampled completion each; gold = the reviews gold scorer in [0, 1]; "
             "KL(policy || SFT) in nats on the policy's samples. Measured checkpoints only.",
             "",
-            "### Matched KL: measured upper envelope (best gold with KL/seq <= target, SFT included) "
-            "and the checkpoint closest to the target",
+            "### Matched KL per sequence: measured upper envelope (best gold with KL/seq <= target, SFT "
+            "included) and the checkpoint closest to the target (gap in nats/seq)",
             "",
-            *table_matched(res),
+            *table_matched(res, "kl_seq"),
             "",
-            f"### Paired by seed: {BASELINE} minus each method, gold at matched KL",
+            f"### Paired by seed: {BASELINE} minus each method, gold at matched KL per sequence",
             "",
-            *table_paired(res),
+            *table_paired(res, "kl_seq"),
+            "",
+            "### Matched KL per token: the same with KL/token (nats per response token; gap in nats/token)",
+            "",
+            *table_matched(res, "kl_token"),
+            "",
+            f"### Paired by seed: {BASELINE} minus each method, gold at matched KL per token",
+            "",
+            *table_paired(res, "kl_token"),
             "",
             "### Final checkpoint of each run (degeneracy statistics of its held-out samples)",
             "",
@@ -528,10 +562,10 @@ def _trajectories(ax, per_seed: list[dict], methods, colors) -> None:
 def _envelopes(ax, res: dict, plt) -> None:
     """Each method's envelope (best gold with KL <= target; mean ± CI over seeds) drawn at x =
     target, unjoined, slightly offset per method."""
-    keys = list(res["matched"])
+    block = res["matched"]["kl_seq"]
     for j, m in enumerate(METHODS):
-        xs = [float(k) * (1 + 0.05 * (j - 1.5)) for k in keys]
-        ys = [res["matched"][k]["methods"][m]["envelope_gold"] for k in keys]
+        xs = [float(k) * (1 + 0.05 * (j - 1.5)) for k in block]
+        ys = [block[k]["methods"][m]["envelope_gold"] for k in block]
         ax.errorbar(xs, [y["mean"] for y in ys], yerr=[y["ci95"] or 0 for y in ys], fmt=MARKERS[m], ls="none",
                     color=plt.get_cmap(COLORS[m])(0.95), mec="k", ms=6, capsize=3,
                     label=f"{m}: envelope at target KL")  # fmt: skip
@@ -588,10 +622,10 @@ def plot_frontier(per_seed: list[dict], res: dict, out_path: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def results(size: str, per_seed: list[dict], t0: float) -> dict[str, Any]:
-    """Everything the tables and the plot need, plus every setting of the run."""
+def statistics(size: str, per_seed: list[dict]) -> dict[str, Any]:
+    """The settings of ``size`` and every statistic of the tables, from the per-seed scores alone."""
     sw = SWEEPS[size]
-    res = {
+    return {
         "experiment": "e2_frontier",
         "size": size,
         "seeds": len(per_seed),
@@ -600,10 +634,18 @@ def results(size: str, per_seed: list[dict], t0: float) -> dict[str, Any]:
         "eval": "one sample per held-out prompt at temperature 1, sampling seed 1000 + seed for every "
         "checkpoint; DPO-Iter's reward-model score on the same samples",
         "statistics": "mean, sample std (ddof 1), 95% Student-t half-width t(0.975, n-1) * std / sqrt(n)",
-        "matched": matched(per_seed, sw.kl_targets),
+        "matched": {
+            "kl_seq": matched(per_seed, sw.kl_targets, "kl_seq"),
+            "kl_token": matched(per_seed, sw.kl_token_targets, "kl_token"),
+        },
         "final": final_stats(per_seed),
+        "dpo_iter": iter_stats(per_seed),
     }
-    res["dpo_iter"] = iter_stats(per_seed)
+
+
+def results(size: str, per_seed: list[dict], t0: float) -> dict[str, Any]:
+    """The statistics plus the per-seed scores, the commits, the wall time and the hardware."""
+    res = statistics(size, per_seed)
     res["per_seed"] = per_seed
     res.update(
         code_commit=git_commit(),
@@ -611,6 +653,24 @@ def results(size: str, per_seed: list[dict], t0: float) -> dict[str, Any]:
         uncommitted_files=uncommitted("jaxrlhf"),
         wall_s_total=round(time.perf_counter() - t0, 1),
         hardware=q.hardware(),
+    )
+    return res
+
+
+def restat(path: str, out: str) -> dict[str, Any]:
+    """Recomputes the statistics, tables and plot of a stored ``results.json`` from its per-seed
+    scores (no training, no evaluation); the run's commit, wall time and hardware are kept, and
+    ``statistics_commit`` records the code that recomputed them. The stored run's training sweep
+    must equal the current one."""
+    with open(path) as f:
+        old = json.load(f)
+    new = statistics(old["size"], old["per_seed"])
+    stale = {k for k, v in old["sweep"].items() if json.loads(json.dumps(new["sweep"].get(k))) != v}
+    if stale:
+        raise ValueError(f"{path}: its sweep differs from SWEEPS[{old['size']!r}] in {sorted(stale)}")
+    res = {**old, **new, "statistics_commit": git_commit(), "per_seed": old["per_seed"]}
+    q.write_outputs(
+        out, table_markdown(res), res, lambda p: plot_frontier(res["per_seed"], res, p), "frontier.png"
     )
     return res
 
@@ -644,7 +704,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workdir", default="workdirs/experiments", help="root of the per-seed stages (shared)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes (the test uses it)")
     ap.add_argument("--cold-cache", action="store_true", help="empty E2's compilation cache first (timing)")
+    ap.add_argument(
+        "--restat", default="", help="a results.json: recompute its statistics into --out, no runs"
+    )
     a = ap.parse_args(argv)
+    if a.restat:
+        res = restat(a.restat, a.out)
+        print(table_markdown(res), flush=True)
+        return res
     if a.seeds < 1:
         raise ValueError(f"--seeds={a.seeds}: need at least 1")
     res = run("smoke" if a.smoke else "mini", a.seeds, a.workdir, a.out, a.cold_cache)

@@ -603,10 +603,12 @@ def plot_frontier(per_seed: list[dict], res: dict, out_path: str) -> str | None:
     colors = run_colors([(n, r["method"]) for n, r in runs.items()], plt)
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), dpi=110)
     top = max(p["gold"] for r in per_seed for run in r["runs"].values() for p in run["points"])
+    right = 1.3 * max(p["kl_seq"] for r in per_seed for run in r["runs"].values() for p in run["points"])
     for ax, (title, methods) in zip(axes, PANELS, strict=False):
         _trajectories(ax, per_seed, methods, colors)
         _envelopes(ax, res, plt)
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(0, right)  # the same KL axis on both panels
         ax.set_xlabel("KL(policy || SFT), nats per sequence (symlog: linear below 1)")
         ax.set_ylabel("gold score, held-out prompts (0 = floor of the scorer)")
         ax.set_ylim(0, min(1.0, top + 0.1))

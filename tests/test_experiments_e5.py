@@ -68,7 +68,7 @@ def test_e5_smoke_chains_and_writes_outputs(smoke):
     assert saved["table"]["ppo"]["pass@1"]["std"] == pytest.approx(np.std(vals, ddof=1))
     # The paired difference is the mean of per-seed differences.
     d = [r["held_out"]["dpo"]["pass@1"] - r["held_out"]["ppo"]["pass@1"] for r in saved["per_seed"]]
-    assert saved["table"]["dpo"]["d_pass@1_vs_ppo"]["mean"] == pytest.approx(sum(d) / len(d))
+    assert saved["paired"]["dpo - ppo"]["pass@1"]["mean"] == pytest.approx(sum(d) / len(d))
     assert saved["wall_s_total"] > 0 and saved["code_commit"]
 
 

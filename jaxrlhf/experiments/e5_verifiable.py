@@ -6,31 +6,33 @@ A stand-in for the code-competition experiments of Xu et al. 2024 (APPS / CodeCo
 Every seed has its own base (issue 17): data, SFT model, pairs and every run below.
 
   a. data     per seed: ``make_sft_examples(noise=NOISE)`` (30 % plausible wrong answers, so that SFT
-              is mediocre), train prompts, held-out prompts (never an SFT prompt), and a validation
-              split (``prompts_val.jsonl``: train-distribution prompts, none of them a train or a
-              held-out prompt) used only to tune DPO.
+              is mediocre), 512 train prompts, 512 held-out prompts (neither an SFT nor a train
+              prompt), and a validation split (``prompts_val.jsonl``, 256 train-distribution prompts,
+              none of them a train or a held-out prompt) used only to tune DPO.
   b. sft      the quickstart's tiny Llama trained from scratch on that seed's data (``config.seed`` = seed).
   c. pairs    4 SFT samples per train prompt; chosen = a correct sample, rejected = the worst.
-  d. ppo      ``configs/quickstart/ppo.py`` keys with the checker as reward, critic from SFT.
+  d. ppo      ``configs/quickstart/ppo.py`` keys with the checker as reward, critic from SFT
+              (16 iterations x 128 rollouts, 64 optimizer steps).
   e. grpo, rloo  the critic-free family at PPO's samples and optimizer steps (``grpo_config``,
-              shared with E8).
-  f. dpo      tuned fairly: a grid of beta x lr, every ``dpo_ckpt_every`` steps a checkpoint; every
+              shared with E8; 32 prompts x 4 samples per iteration).
+  f. dpo      tuned fairly: a grid of beta x lr, a checkpoint every ``dpo_ckpt_every`` steps; every
               checkpoint is scored on the validation split (pass@1, KL to SFT); the setting chosen is
               the one with the best validation pass@1 among those whose validation KL is within
-              ``kl_band`` (relative) of PPO's validation KL, else the closest in KL (``choose``). With
-              ``--tune=first`` the grid runs on seed 0 and its choice (beta, lr, steps) is reused by
-              the other seeds; ``--tune=every`` tunes every seed.
+              ``kl_band`` (relative) of PPO's validation KL, else the closest in KL (``choose``).
+              ``--tune=every`` (default) tunes every seed; ``--tune=first`` tunes seed 0 and reuses
+              its choice (beta, lr, steps) for the other seeds.
   g. dpo_iter iterative DPO from SFT with the chosen beta and lr, ``iter_rounds`` rounds whose DPO steps
               add up to the chosen DPO step count (rounded up); the run fails if a round took no step.
   h. eval     every policy on the held-out prompts, ``eval_samples`` samples each (temperature 1):
               unbiased pass@k (Chen et al. 2021), KL to SFT per sequence and per token on those
-              samples; differences to PPO (and SFT) paired by seed, mean ± 95 % Student-t interval.
+              samples; differences paired by seed (``PAIRS``), mean ± 95 % Student-t interval.
 
-Command (2 CPU cores; ~13 min, measured in docs/experiments_e5.md):
+Command (2 CPU cores, about 5 minutes; the measured time is in docs/experiments_e5.md):
   python -m jaxrlhf.experiments.e5_verifiable --seeds=3 --out=docs/results/e5
 
-Expected: PPO and the GRPO family above SFT in pass@1 at a KL of a few tenths of a nat; DPO tuned
-to PPO's validation KL close to SFT (the committed table is docs/results/e5/table.md).
+Expected (docs/results/e5/table.md): PPO, GRPO and RLOO above SFT in pass@1 (+0.06) at a KL of
+0.2-0.3 nats; DPO tuned to PPO's validation KL about 0.04 below PPO and not clearly above SFT; DPO-Iter
+no better than DPO; DPO checkpoints trained past PPO's KL fall below SFT on the validation split.
 Writes ``table.md``, ``results.json`` and ``pass_at_k.png`` to ``--out``; runs live in ``--workdir``
 (default ``workdirs/e5``; finished runs are reused). ``--smoke`` runs toy sizes (the tests).
 """
@@ -87,7 +89,7 @@ SIZES = {
 # the GRPO-family group size.
 EXTRA = {
     "e5": dict(
-        n_val_prompts=256, val_samples=4, eval_samples=8, betas=(0.1, 0.5), lrs=(5e-5, 2e-4, 5e-4),
+        n_val_prompts=256, val_samples=8, eval_samples=8, betas=(0.1, 0.5), lrs=(5e-5, 2e-4, 5e-4),
         dpo_ckpt_every=8, kl_band=0.5, iter_rounds=3, iter_prompts=256, iter_samples=4, group=4,
     ),
     "e5_smoke": dict(
@@ -500,38 +502,58 @@ def run_seed(size: str, seed: int, root: str, fixed: dict | None) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------- results
+# Paired comparisons (a - b on the same seed, hence the same SFT model and data) of the second table.
+PAIRS = (
+    ("dpo", "ppo"), ("dpo_iter", "ppo"), ("grpo", "ppo"), ("rloo", "ppo"), ("dpo_iter", "dpo"),
+    ("dpo", "sft"), ("dpo_iter", "sft"), ("ppo", "sft"), ("grpo", "sft"), ("rloo", "sft"),
+)  # fmt: skip
+
+
 def summarise(per_seed: list[dict]) -> dict[str, dict]:
-    """Per policy: every held-out metric and the validation KL / pass@1 as ``t_interval`` over seeds,
-    and the pass@1 / pass@n differences to PPO and to SFT paired by seed (same seed = same SFT model)."""
+    """Per policy: every held-out metric and the validation KL / pass@1 as ``t_interval`` over seeds."""
     first = per_seed[0]["held_out"]["sft"]
     metrics = [m for m in first if m != "prompts"]
-    top = [m for m in first if m.startswith("pass@")][-1]
     table = {}
     for pol in POLICIES:
         row = {m: ex.t_interval([r["held_out"][pol][m] for r in per_seed]) for m in metrics}
         for m in ("kl_seq", "pass@1"):
             row[f"val_{m}"] = ex.t_interval([r["val"][pol][m] for r in per_seed])
-        for ref in ("ppo", "sft"):
-            for m in ("pass@1", top):
-                diffs = [r["held_out"][pol][m] - r["held_out"][ref][m] for r in per_seed]
-                row[f"d_{m}_vs_{ref}"] = ex.t_interval(diffs)
         table[pol] = row
     return table
+
+
+def paired(per_seed: list[dict]) -> dict[str, dict]:
+    """``"a - b"`` -> held-out pass@1, pass@n and KL per sequence differences, paired by seed
+    (``t_interval`` of the per-seed differences), for every pair of ``PAIRS``."""
+    first = per_seed[0]["held_out"]["sft"]
+    top = [m for m in first if m.startswith("pass@")][-1]
+    return {
+        f"{a} - {b}": {
+            m: ex.t_interval([r["held_out"][a][m] - r["held_out"][b][m] for r in per_seed])
+            for m in ("pass@1", top, "kl_seq")
+        }
+        for a, b in PAIRS
+    }
 
 
 def _main_table(res: dict) -> list[str]:
     t = res["table"]
     ks = [m for m in t["sft"] if m.startswith("pass@")]
-    cols = [*ks, "d_pass@1_vs_ppo", "d_pass@1_vs_sft", "kl_seq", "kl_token", "response_length", "val_kl_seq"]
-    head = [*ks, "Δ pass@1 vs PPO", "Δ pass@1 vs SFT", "KL/seq (nats)", "KL/token", "length", "val KL/seq"]
+    cols = [*ks, "kl_seq", "kl_token", "response_length", "val_kl_seq", "val_pass@1"]
+    head = [*ks, "KL/seq (nats)", "KL/token", "length (tokens)", "val KL/seq", "val pass@1"]
     lines = ["| policy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for pol, row in t.items():
-        cells = []
-        for m in cols:
-            ref = m.rpartition("_vs_")[2] if m.startswith("d_") else None
-            digits = 1 if m == "response_length" else 3
-            cells.append("-" if ref == pol else ex.fmt(row[m], digits))
+        cells = [ex.fmt(row[m], 1 if m == "response_length" else 3) for m in cols]
         lines.append(f"| {pol} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_table(res: dict) -> list[str]:
+    metrics = list(next(iter(res["paired"].values())))
+    head = ["Δ " + m.replace("kl_seq", "KL/seq") for m in metrics]
+    lines = ["| difference (paired by seed) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for label, row in res["paired"].items():
+        lines.append(f"| {label} | " + " | ".join(ex.fmt(row[m]) for m in metrics) + " |")
     return lines
 
 
@@ -541,7 +563,8 @@ def _grid_table(res: dict) -> list[str]:
     for r in (r for r in res["per_seed"] if r["tuned_here"]):
         steps = sorted({pt["steps"] for pt in r["grid"]})
         if not lines:
-            lines = ["| seed (PPO val KL/seq) | beta | lr | " + " | ".join(f"step {s}" for s in steps) + " |"]
+            head = "| seed (PPO val KL/seq; SFT val pass@1) | beta | lr | "
+            lines = [head + " | ".join(f"step {s}" for s in steps) + " |"]
             lines.append("|---" * (len(steps) + 3) + "|")
         for run in dict.fromkeys(pt["run"] for pt in r["grid"]):
             pts = {pt["steps"]: pt for pt in r["grid"] if pt["run"] == run}
@@ -552,9 +575,8 @@ def _grid_table(res: dict) -> list[str]:
                 chosen = pt is not None and (run, s) == (r["chosen"]["run"], r["chosen"]["steps"])
                 cells.append(f"**{cell}**" if chosen else cell)
             b, lr = pts[max(pts)]["beta"], pts[max(pts)]["lr"]
-            lines.append(
-                f"| {r['seed']} ({r['ppo_val_kl_seq']:.3f}) | {b:g} | {lr:g} | " + " | ".join(cells) + " |"
-            )
+            seed = f"{r['seed']} ({r['ppo_val_kl_seq']:.3f}; {r['val']['sft']['pass@1']:.3f})"
+            lines.append(f"| {seed} | {b:g} | {lr:g} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -585,13 +607,17 @@ def table_markdown(res: dict) -> str:
     prompts = res["per_seed"][0]["held_out"]["sft"]["prompts"]
     return "\n".join(
         [
-            f"Held-out prompts: {prompts} per seed, {x['eval_samples']} samples each (temperature 1). Mean ± 95 % "
-            f"Student-t half-width over {n} seeds (sample std, ddof 1; t(0.975, {n - 1})); Δ = difference "
-            "paired by seed; KL to the seed's SFT model on the policy's samples; val = validation split.",
+            f"Held-out prompts: {prompts} per seed, n = {x['eval_samples']} samples each (temperature 1). "
+            f"Mean ± 95 % Student-t half-width over {n} seeds (sample std, ddof 1; t(0.975, {n - 1})); "
+            "Δ = difference paired by seed (same SFT model); KL to the seed's SFT model on the policy's "
+            "samples (all n); val = validation split.",
             "",
             *_main_table(res),
             "",
-            f"DPO tuning on the validation split ({x['n_val_prompts']} prompts x {x['val_samples']} samples): "
+            *_paired_table(res),
+            "",
+            f"DPO tuning on the validation split ({x['n_val_prompts']} prompts x {x['val_samples']} "
+            "samples): "
             "`KL/seq / pass@1` per checkpoint, the chosen one in bold.",
             "",
             *_grid_table(res),
@@ -695,6 +721,7 @@ def run(size: str, seeds: int, workdir: str, out: str, tune: str = "every") -> d
         "sizes": dataclasses.asdict(SIZES[size]) | {"seed": "per seed (0 .. seeds-1)"},
         "extra": EXTRA[size],
         "table": summarise(per_seed),
+        "paired": paired(per_seed),
         "per_seed": per_seed,
         "code_commit": ex.git_commit(),
         "uncommitted_files": ex.uncommitted("jaxrlhf"),

@@ -27,8 +27,13 @@ its upper envelope (best gold among its checkpoints of all its runs, SFT include
 and the gold of its checkpoint closest to the target (with the KL gap); DPO - PPO differences are
 paired by seed. Statistics: mean and 95% Student-t half-width over seeds (sample std, n - 1 dof).
 
-Writes ``table.md``, ``results.json`` and ``frontier.png`` to ``--out``. Expected result (3 seeds,
-about 11 min on 2 idle cores; docs/experiments_e2.md): the numbers in docs/results/e2/table.md.
+Writes ``table.md``, ``results.json`` and ``frontier.png`` to ``--out``; ``--restat=results.json``
+recomputes the statistics of a stored run without training. Expected result (3 seeds, 527 s wall on
+2 CPU cores with a cold compilation cache; docs/experiments_e2.md, docs/results/e2/table.md): SFT gold
+0.27; DPO's best checkpoints reach gold ~0.40 at KL ~2.6 nats/seq and fall beyond; PPO (frozen or EMA
+reference) keeps rising to ~0.47 at KL 4-6, so DPO - PPO at KL 6 is about -0.07 (paired, CI excluding
+0) while they tie at KL <= 2; DPO-Iter's reward-model score rises every round while its gold peaks
+(rounds 3-8) and then falls.
 """
 
 from __future__ import annotations
@@ -52,7 +57,6 @@ from jaxrlhf.experiments.common import (
     git_commit,
     seed_paths,
     t_interval,
-    train,  # noqa: F401 - e3_shift uses e2.train (until it imports common)
     uncommitted,
 )
 
@@ -720,13 +724,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table_markdown(res), flush=True)
     print(f"[e2] {res['wall_s_total']:.0f}s wall; results in {a.out}", flush=True)
     return res
-
-
-# kept for e3_shift (until it imports jaxrlhf.experiments.common): mean ± std of a summary cell
-def _pm(x: dict) -> str:
-    if x.get("mean") is None:
-        return "-"
-    return f"{x['mean']:.3f} ± {x['std']:.3f}" if x.get("std") is not None else f"{x['mean']:.3f}"
 
 
 if __name__ == "__main__":

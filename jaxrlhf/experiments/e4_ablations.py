@@ -111,8 +111,10 @@ BASES = {
 }
 SCHEDULES = {
     "e4": {
-        "reviews": Schedule(64, 8, 2, 20, 4, 0.5, 2e-4, 0.99, 4),
-        "verifiable": Schedule(64, 8, 2, 20, 4, 1.0, 3e-4, 0.99, 4),
+        # rollout 128 vs 16 (d = 8, the study's ratio: 512 vs 64); 20 iterations x 2 epochs x 128 / 16
+        # = 320 optimizer steps; a scored checkpoint every 64 steps
+        "reviews": Schedule(128, 16, 2, 20, 8, 0.5, 2e-4, 0.99, 5),
+        "verifiable": Schedule(128, 16, 2, 20, 8, 1.0, 3e-4, 0.99, 5),
     },
     "smoke": {
         "reviews": Schedule(8, 4, 1, 2, 2, 0.1, 1e-4, 0.9, 2),

@@ -601,8 +601,33 @@ def _choice_table(res: dict) -> list[str]:
     return lines
 
 
+def _envelope_table(res: dict) -> list[str]:
+    """Per seed, on the validation split and measured checkpoints only: PPO; DPO's upper envelope at
+    PPO's KL (the best pass@1 among the grid's checkpoints with KL <= PPO's, SFT included); the best
+    DPO checkpoint of the whole grid; how many grid checkpoints fall below SFT's pass@1."""
+    lines = [
+        "| seed | PPO val KL/seq | PPO val pass@1 | DPO envelope at KL <= PPO's: pass@1 (KL) | best DPO "
+        "checkpoint, any KL: pass@1 (KL) | SFT val pass@1 | DPO checkpoints below SFT "
+        "| of those with KL > 1 |",
+        "|---" * 8 + "|",
+    ]
+    for r in res["per_seed"]:
+        ppo, sft, grid = r["val"]["ppo"], r["val"]["sft"], r["grid"]
+        inside = [pt for pt in grid if pt["kl_seq"] <= ppo["kl_seq"]] + [sft]
+        env, best = (max(pts, key=lambda pt: pt["pass@1"]) for pts in (inside, grid))
+        below = [pt for pt in grid if pt["pass@1"] < sft["pass@1"]]
+        far = [pt for pt in grid if pt["kl_seq"] > 1.0]
+        lines.append(
+            f"| {r['seed']} | {ppo['kl_seq']:.3f} | {ppo['pass@1']:.3f} | {env['pass@1']:.3f} "
+            f"({env['kl_seq']:.2f}) | {best['pass@1']:.3f} ({best['kl_seq']:.2f}) | {sft['pass@1']:.3f} | "
+            f"{len(below)} of {len(grid)} | {sum(pt['kl_seq'] > 1.0 for pt in below)} of {len(far)} |"
+        )
+    return lines
+
+
 def table_markdown(res: dict) -> str:
-    """``table.md`` from ``results.json`` alone: held-out table, DPO grid, per-seed choice."""
+    """``table.md`` from ``results.json`` alone: held-out table, paired differences, DPO grid,
+    per-seed choice, matched-KL envelope."""
     n, x = res["seeds"], res["extra"]
     prompts = res["per_seed"][0]["held_out"]["sft"]["prompts"]
     return "\n".join(
@@ -625,6 +650,11 @@ def table_markdown(res: dict) -> str:
             "DPO as used per seed (validation split, next to PPO) and DPO-Iter's rounds.",
             "",
             *_choice_table(res),
+            "",
+            "Matched KL on measured validation points only (no interpolation): DPO's upper envelope at "
+            "PPO's KL, and how many DPO checkpoints fall below SFT.",
+            "",
+            *_envelope_table(res),
         ]
     )
 
@@ -655,22 +685,27 @@ def plot(res: dict, path: str, title: str = "E5 verifiable answers") -> None:
 
 
 def plot_e5(res: dict, path: str) -> None:
-    """Left: held-out pass@k against k per policy (mean ± 95 % t-interval; a line joins one policy's
-    k values). Right: the DPO grid on validation, pass@1 against KL to SFT, a line per run through
-    its successive checkpoints from SFT (seed 0's tuning), with PPO / GRPO / RLOO's validation points."""
+    """Left: held-out pass@k minus SFT's, paired by seed, against k per policy (mean ± 95 %
+    t-interval; a line joins one policy's k values). Right: the DPO grid on validation, pass@1
+    against KL to SFT (symlog axis), a line per run through its successive checkpoints from SFT
+    (seed 0's tuning), with PPO / GRPO / RLOO's validation points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    for name, r in res["table"].items():
-        ks = sorted(int(m.split("@")[1]) for m in r if m.startswith("pass@"))
-        ci = [r[f"pass@{k}"]["ci95"] or 0.0 for k in ks]
-        ax.errorbar(ks, [r[f"pass@{k}"]["mean"] for k in ks], yerr=ci, marker="o", capsize=3, label=name)
+    held = [r["held_out"] for r in res["per_seed"]]
+    ks = sorted(int(m.split("@")[1]) for m in held[0]["sft"] if m.startswith("pass@"))
+    for i, name in enumerate(p for p in POLICIES if p != "sft"):
+        d = [ex.t_interval([h[name][f"pass@{k}"] - h["sft"][f"pass@{k}"] for h in held]) for k in ks]
+        xs = [k * (1 + 0.03 * (i - 2)) for k in ks]  # small offsets so that the bars do not overlap
+        ax.errorbar(xs, [x["mean"] for x in d], yerr=[x["ci95"] or 0.0 for x in d], marker="o", capsize=3,
+                    label=name)  # fmt: skip
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1)
-    ax.set(xlabel="k", ylabel="pass@k (held-out)", title=f"pass@k, mean ± 95% CI over {res['seeds']} seeds")
+    ax.set(xlabel="k", ylabel="pass@k − SFT's pass@k (held-out, paired by seed)",
+           title=f"Gain over SFT, mean ± 95% CI over {res['seeds']} seeds")  # fmt: skip
     r0 = res["per_seed"][0]
     sft = r0["val"]["sft"]
     for run in dict.fromkeys(pt["run"] for pt in r0["grid"]):
@@ -682,8 +717,10 @@ def plot_e5(res: dict, path: str) -> None:
     for name, mark in (("ppo", "s"), ("grpo", "^"), ("rloo", "v"), ("sft", "o")):
         v = r0["val"][name]
         bx.plot([v["kl_seq"]], [v["pass@1"]], mark, color="k", mfc="none", ms=8, label=name)
+    bx.set_xscale("symlog", linthresh=0.1)
     bx.set_ylim(0, max(0.5, max(pt["pass@1"] for pt in r0["grid"]) + 0.05))
-    bx.set(xlabel="KL to SFT (nats/seq, validation)", ylabel="pass@1 (validation)", title="DPO grid, seed 0")
+    bx.set(xlabel="KL to SFT (nats/seq, validation; symlog)", ylabel="pass@1 (validation)",
+           title="DPO grid, seed 0 (lines: one run's checkpoints)")  # fmt: skip
     for a in (ax, bx):
         a.grid(alpha=0.3)
         a.legend(fontsize=7, loc="best")

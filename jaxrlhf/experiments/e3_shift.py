@@ -38,8 +38,10 @@ Statistics: mean, sample std (ddof 1), 95% Student-t half-width.
 Writes ``table.md``, ``results.json`` (every setting and run config, the code commit, wall time,
 hardware) and ``gold_vs_kl.png`` to ``--out``.
 
-Expected result (3 seeds, ~13 min on 2 idle CPU cores; docs/experiments_e3.md): B's chosen answers
-are >= 0.5 nats/token less likely under A than A's own; at matched KL dpo_other trails dpo_own.
+Expected result (3 seeds: ~5 min on 2 idle CPU cores when A's base stages exist, ~6 min from scratch;
+docs/experiments_e3.md): B's chosen answers ~0.9 nats/token less likely under A than A's own (>= 0.5
+in every seed); over the KL both reach, dpo_other's best checkpoint trails dpo_own's by ~0.07 gold;
+sft_chosen_dpo and dpo_iter recover it (dpo_iter with much shorter answers).
 """
 
 from __future__ import annotations
@@ -480,8 +482,8 @@ def table_markdown(res: dict) -> str:
     labels = {"own": "A (own samples)", "other": "B (other model)"}
     out = [
         f"Mean ± 95% t-interval half-width over {n} seeds (sample std, {n - 1} degrees of freedom); "
-        "held-out prompts, one sampled completion each, gold scorer; KL(policy || A) in nats, A = the "
-        "deployed SFT model every policy starts from.",
+        f"held-out prompts, {res['plan']['eval_samples']} sampled completions each, gold scorer; "
+        "KL(policy || A) in nats, A = the deployed SFT model every policy starts from.",
         "",
         "### Preference data (best/worst of 4 samples per train prompt, gold-labelled)",
         "",

@@ -23,18 +23,6 @@ def _render_e1(res):
     return e1_ood.table_markdown(res)
 
 
-def _render_e2(res):
-    from jaxrlhf.experiments import e2_frontier
-
-    return e2_frontier.format_tables(res["summary"], res["seeds"])
-
-
-def _render_e3(res):
-    from jaxrlhf.experiments import e3_shift
-
-    return e3_shift.format_tables(res["summary"], res["seeds"])
-
-
 def _render_module(module: str):
     def render(res):
         import importlib
@@ -59,10 +47,10 @@ def _render_quickstart(res):
 # result folder -> (renderer, the docs page(s) that show its table)
 TABLES = {
     "e1": (_render_e1, []),  # its page shows a column subset: test_e1_page_columns_match
-    "e2": (_render_e2, ["docs/experiments_e2_e3.md"]),
-    "e3": (_render_e3, ["docs/experiments_e2_e3.md"]),
-    "e4": (_render_module("e4_ablations"), ["docs/experiments_e4_e5.md"]),
-    "e5": (_render_module("e5_verifiable"), ["docs/experiments_e4_e5.md"]),
+    "e2": (_render_module("e2_frontier"), ["docs/experiments_e2.md"]),
+    "e3": (_render_module("e3_shift"), ["docs/experiments_e3.md"]),
+    "e4": (_render_module("e4_ablations"), ["docs/experiments_e4.md"]),
+    "e5": (_render_module("e5_verifiable"), ["docs/experiments_e5.md"]),
     "e8": (_render_module("e8_critic_free"), ["docs/grpo.md"]),
     "e6": (_render_e6, ["docs/experiments_e6.md"]),
     "e7": (_render_module("e7_wang"), ["docs/experiments_e7.md"]),

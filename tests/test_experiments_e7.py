@@ -173,7 +173,7 @@ def test_variant_configs_carry_their_knobs(tmp_path):
 
 @pytest.fixture
 def one_device_mesh(monkeypatch):
-    """One device for the smoke run (chaining, not sharding; as tests/test_experiments_e4_e5.py)."""
+    """One device for the smoke run (chaining, not sharding; as tests/test_experiments_e4.py)."""
     from jaxrlhf import sharding
 
     monkeypatch.setattr(sharding, "mesh_shape", lambda axes, n: {"data": 1, "fsdp": 1, "tensor": 1})

@@ -72,7 +72,9 @@ def _seeds():
         {
             "runs": {
                 "recipe": {"points": [sft, _pt(1, 1.0, 0.3), _pt(2, 2.0, 0.5), _pt(3, 4.0, 0.6)]},
-                "frozen_ref": {"points": [sft, _pt(1, 0.5, 0.25), _pt(2, 1.9, 0.35), _pt(3, 3.0, 0.4)]},
+                "frozen_ref": {
+                    "points": [sft, _pt(1, 0.5, 0.25), _pt(2, 1.2, 0.38), _pt(3, 2.1, 0.33), _pt(4, 3.0, 0.4)]
+                },
             }
         },
         {
@@ -86,14 +88,16 @@ def _seeds():
 
 def test_matched_kl_uses_measured_points_only():
     res = e4.matched(_seeds(), fractions=(0.5,))["0.5x"]["frozen_ref"]
-    # seed 0: target 2.0: envelope = best gold with KL <= 2 -> 0.35 (recipe 0.5), closest to 2 -> KL 1.9
-    # seed 1: target 3.0: envelope -> 0.45 (recipe 0.4), closest -> KL 2.5 (recipe: KL 2.0)
+    # seed 0: target 2.0: envelope = best gold with KL <= 2 -> 0.38 at KL 1.2 (recipe 0.5); closest to 2
+    # -> KL 2.1 (above the target), gold 0.33. seed 1: target 3.0: envelope -> 0.45 (recipe 0.4),
+    # closest -> KL 2.5 (recipe: KL 2.0)
     assert res["target_kl_seq"]["values"] == [2.0, 3.0]
-    assert res["envelope_score"]["values"] == [0.35, 0.45]
-    assert res["envelope_diff_vs_recipe"]["values"] == pytest.approx([0.35 - 0.5, 0.45 - 0.4])
-    assert res["closest_kl_gap"]["values"] == pytest.approx([1.9 - 2.0, 2.5 - 3.0])
-    assert res["closest_diff_vs_recipe"]["values"] == pytest.approx([0.35 - 0.5, 0.45 - 0.4])
-    d = np.array([-0.15, 0.05])  # the t-interval: sample std, t(0.975, 1) = 12.706
+    assert res["envelope_score"]["values"] == [0.38, 0.45]
+    assert res["envelope_diff_vs_recipe"]["values"] == pytest.approx([0.38 - 0.5, 0.45 - 0.4])
+    assert res["closest_score"]["values"] == [0.33, 0.45]
+    assert res["closest_kl_gap"]["values"] == pytest.approx([2.1 - 2.0, 2.5 - 3.0])
+    assert res["closest_diff_vs_recipe"]["values"] == pytest.approx([0.33 - 0.5, 0.45 - 0.4])
+    d = np.array([-0.12, 0.05])  # the t-interval: sample std, t(0.975, 1) = 12.706
     assert res["envelope_diff_vs_recipe"]["ci95"] == pytest.approx(
         12.7062 * d.std(ddof=1) / math.sqrt(2), rel=1e-4
     )

@@ -90,6 +90,9 @@ def test_e5_tuning_dpo_iter_and_splits(smoke):
     if near:
         best = max(pt["pass@1"] for pt in near)
         assert r0["chosen"]["pass@1"] == best and r0["chosen"] in near
+    else:  # none in the band: the closest KL
+        closest = min(abs(pt["kl_seq"] - target) for pt in r0["grid"])
+        assert abs(r0["chosen"]["kl_seq"] - target) == closest
     # Seed 1 reused seed 0's choice (--tune=first) and trained only that setting.
     assert [(pt["beta"], pt["lr"], pt["steps"]) for pt in r1["grid"]] == [
         (r0["chosen"]["beta"], r0["chosen"]["lr"], r0["chosen"]["steps"])
@@ -195,11 +198,11 @@ def test_choose_band_then_closest():
     e5 = _e5()
     pts = [
         {"kl_seq": 0.05, "pass@1": 0.50},  # outside the band (too far below)
-        {"kl_seq": 0.30, "pass@1": 0.20},
-        {"kl_seq": 0.45, "pass@1": 0.25},  # best pass@1 within 0.4 +- 0.2
+        {"kl_seq": 0.30, "pass@1": 0.25},  # best pass@1 within 0.4 +- 0.2
+        {"kl_seq": 0.42, "pass@1": 0.20},  # the closest in KL, but a lower pass@1
         {"kl_seq": 0.70, "pass@1": 0.40},  # outside (too far above)
     ]
-    assert e5.choose(pts, 0.4, 0.5) is pts[2]
+    assert e5.choose(pts, 0.4, 0.5) is pts[1]
     assert e5.choose(pts, 2.0, 0.1) is pts[3]  # none in the band: the closest KL
     tie = [{"kl_seq": 0.3, "pass@1": 0.2}, {"kl_seq": 0.41, "pass@1": 0.2}]
     assert e5.choose(tie, 0.4, 0.5) is tie[1]  # equal pass@1: the closer KL

@@ -119,7 +119,7 @@ def test_e4_smoke_chains_and_the_runs_follow_the_design(tmp_path, one_device_mes
             "--seeds=1",
             f"--out={out}",
             f"--workdir={wd}",
-            "--variants=recipe,frozen_ref,small_eq_iters",
+            "--variants=recipe,small_eq_iters",
         ]
     )
     for f in ("table.md", "results.json", "score_vs_kl.png"):
@@ -146,7 +146,7 @@ def test_e4_smoke_chains_and_the_runs_follow_the_design(tmp_path, one_device_mes
                 (i + 1) * v["iterations"] // sch.checkpoints for i in range(sch.checkpoints)
             ]
             assert all(0.0 <= p["gold"] <= 1.0 for p in rec["points"])
-        assert set(res["tasks"][task]["paired"]) == {"frozen_ref", "small_eq_iters"}
+        assert set(res["tasks"][task]["paired"]) == {"small_eq_iters"}
     assert "repeat_3gram_frac" in res["per_seed"]["reviews"][0]["sft"]
     assert "repeat_3gram_frac" not in res["per_seed"]["verifiable"][0]["sft"]
     with pytest.raises(ValueError, match="recipe"):

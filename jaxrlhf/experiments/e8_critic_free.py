@@ -162,7 +162,8 @@ def run(size: str, seeds: int, workdir: str, out: str, methods=POLICIES[1:]) -> 
 
 
 def summarise(per_seed: dict, info: dict, seeds: int, policies=POLICIES) -> dict:
-    """Mean, std and values over seeds of pass@k, KL to SFT, and (trained runs) wall time and steps."""
+    """Mean, sample std (ddof 1) and values over seeds of pass@k, KL to SFT, and (trained runs) wall
+    time and steps."""
     ks = [k for k in per_seed[0]["sft"] if k.startswith("pass@")]
     table = {}
     for name in policies:
@@ -172,7 +173,12 @@ def summarise(per_seed: dict, info: dict, seeds: int, policies=POLICIES) -> dict
             vals["optimizer_steps"] = [info[f"{name}/s{i}"]["optimizer_steps"] for i in range(seeds)]
             vals["samples"] = [info[f"{name}/s{i}"]["samples"] for i in range(seeds)]
         table[name] = {
-            m: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for m, v in vals.items()
+            m: {
+                "mean": float(np.mean(v)),
+                "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                "values": v,
+            }
+            for m, v in vals.items()
         }
     return table
 
@@ -182,7 +188,12 @@ def table_markdown(res: dict) -> str:
     ks = [m for m in first if m.startswith("pass@")]
     cols = [*ks, "kl_to_reference", "train_wall_s", "optimizer_steps", "samples"]
     head = ["KL to SFT (nats/seq)" if m == "kl_to_reference" else m for m in cols]
-    lines = ["| policy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines = [
+        f"Mean ± sample std (ddof 1) over {res['seeds']} seeds.",
+        "",
+        "| policy | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
     for name, r in res["table"].items():
         cells = []
         for m in cols:

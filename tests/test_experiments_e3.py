@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 import pytest
+from md_tables import check_cell, parse_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 e3 = importlib.import_module("jaxrlhf.experiments.e3_shift")
@@ -112,37 +113,6 @@ def test_write_chosen_sft(tmp_path):
 
 
 # ------------------------------------------------------------------------ markdown tables vs JSON
-def parse_tables(md: str) -> dict[str, list[dict[str, str]]]:
-    """``{section heading: [row as {column: cell}]}`` for every markdown table under a ``###`` heading."""
-    tables, heading, header = {}, None, None
-    for line in md.splitlines():
-        if line.startswith("### "):
-            heading, header = line[4:].strip(), None
-        elif line.startswith("|") and heading is not None:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if header is None:
-                header = cells
-            elif not set("".join(cells)) <= set("-: "):
-                tables.setdefault(heading, []).append(dict(zip(header, cells, strict=True)))
-        else:
-            header = None
-    return tables
-
-
-def _check_cell(cell: str, stat: dict, where: str):
-    if cell == "-":
-        assert stat["mean"] is None, where
-        return
-    m = re.fullmatch(r"(-?\d+(?:\.(\d+))?)(?: ± (\d+(?:\.\d+)?))?", cell)
-    assert m, f"{where}: unparsable cell {cell!r}"
-    tol = 0.5 * 10 ** -len(m.group(2) or "") + 1e-9
-    assert abs(float(m.group(1)) - stat["mean"]) <= tol, (where, cell, stat["mean"])
-    if m.group(3) is None:
-        assert stat["ci95"] is None, where
-    else:
-        assert abs(float(m.group(3)) - stat["ci95"]) <= tol, (where, cell, stat["ci95"])
-
-
 def check_tables_against_results(md: str, res: dict) -> int:
     """Every number of the data / final / matched tables equals results.json; returns the count."""
     tables, s, n = parse_tables(md), res["summary"], 0
@@ -161,7 +131,7 @@ def check_tables_against_results(md: str, res: dict) -> int:
     for row in data_rows:
         for col, cell in row.items():
             if col != "pairs from":
-                _check_cell(cell, s["data"][labels[row["pairs from"]]][col], f"data {col}")
+                check_cell(cell, s["data"][labels[row["pairs from"]]][col], f"data {col}")
                 n += 1
     for heading, by_name, first in sections:
         rows = tables[heading]
@@ -173,10 +143,10 @@ def check_tables_against_results(md: str, res: dict) -> int:
                 if col not in by_name[row[first]]:  # A has no training wall time
                     assert cell == "-", (heading, row[first], col)
                     continue
-                _check_cell(cell, by_name[row[first]][col], f"{heading} {row[first]} {col}")
+                check_cell(cell, by_name[row[first]][col], f"{heading} {row[first]} {col}")
                 n += 1
     gap = re.search(r"NLL gap under A \(B's minus A's, nats/token\): (\S+ ± \S+|\S+)", md)
-    _check_cell(gap.group(1), s["data"]["nll_gap"], "nll gap")
+    check_cell(gap.group(1), s["data"]["nll_gap"], "nll gap")
     return n + 1
 
 

@@ -10,9 +10,9 @@ import importlib
 import json
 import math
 import os
-import re
 
 import pytest
+from md_tables import check_cell, parse_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 e7 = importlib.import_module("jaxrlhf.experiments.e7_wang")
@@ -71,37 +71,6 @@ def test_matched_kl_uses_measured_points_only():
 
 
 # ------------------------------------------------------------------------ markdown tables vs JSON
-def parse_tables(md: str) -> dict[str, list[dict[str, str]]]:
-    """``{section heading: [row as {column: cell}]}`` for every markdown table under a ``###`` heading."""
-    tables, heading, header = {}, None, None
-    for line in md.splitlines():
-        if line.startswith("### "):
-            heading, header = line[4:].strip(), None
-        elif line.startswith("|") and heading is not None:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if header is None:
-                header = cells
-            elif not set("".join(cells)) <= set("-: "):
-                tables.setdefault(heading, []).append(dict(zip(header, cells, strict=True)))
-        else:
-            header = None
-    return tables
-
-
-def _check_cell(cell: str, stat: dict, where: str):
-    if cell == "-":
-        assert stat["mean"] is None, where
-        return
-    m = re.fullmatch(r"(-?\d+(?:\.(\d+))?)(?: ± (\d+(?:\.\d+)?))?", cell)
-    assert m, f"{where}: unparsable cell {cell!r}"
-    tol = 0.5 * 10 ** -len(m.group(2) or "") + 1e-9
-    assert abs(float(m.group(1)) - stat["mean"]) <= tol, (where, cell, stat["mean"])
-    if m.group(3) is None:
-        assert stat["ci95"] is None, where
-    else:
-        assert abs(float(m.group(3)) - stat["ci95"]) <= tol, (where, cell, stat["ci95"])
-
-
 def check_tables_against_results(md: str, res: dict) -> int:
     """Every number of the final / matched / dynamics tables equals results.json; returns the count."""
     tables = parse_tables(md)
@@ -111,7 +80,7 @@ def check_tables_against_results(md: str, res: dict) -> int:
     for row in final:
         for col, cell in row.items():
             if col != "method" and col in res["final"][row["method"]]:
-                _check_cell(cell, res["final"][row["method"]][col], f"final {row['method']} {col}")
+                check_cell(cell, res["final"][row["method"]][col], f"final {row['method']} {col}")
                 n += 1
     for key, by_method in res["matched"].items():
         rows = tables[f"Matched KL: target = {key} the plain method's final KL (per seed)"]
@@ -119,14 +88,14 @@ def check_tables_against_results(md: str, res: dict) -> int:
         for row in rows:
             for col, cell in row.items():
                 if col != "method":
-                    _check_cell(cell, by_method[row["method"]][col], f"matched {key} {row['method']} {col}")
+                    check_cell(cell, by_method[row["method"]][col], f"matched {key} {row['method']} {col}")
                     n += 1
     dyn = next(v for k, v in tables.items() if k.startswith("Dynamics"))
     for row in dyn:
         for col, cell in row.items():
             if col != "metric":
                 method, half = col.split(" ")
-                _check_cell(
+                check_cell(
                     cell, res["dynamics"][method][half][row["metric"]], f"dynamics {col} {row['metric']}"
                 )
                 n += 1

@@ -283,11 +283,13 @@ def dpo_config(s: Sizes, paths: Paths):
     return c
 
 
-def ppo_config(s: Sizes, paths: Paths):
-    """The quickstart's ppo stage config (``configs/quickstart/ppo.py``)."""
+def prompt_run_config(algorithm: str, s: Sizes, paths: Paths):
+    """``config_defaults.base(algorithm)`` for a run that samples from the SFT model (float32) on the
+    train prompts: seed, model, tokenizer and prompt data set from ``s`` / ``paths`` (PPO here, and
+    the experiments' DPO-Iter and GRPO runs)."""
     from jaxrlhf import config_defaults as d
 
-    c = d.base("ppo")
+    c = d.base(algorithm)
     c.seed = s.seed
     c.model = d.model(paths.sft_export)
     c.model.dtype = "float32"
@@ -298,6 +300,14 @@ def ppo_config(s: Sizes, paths: Paths):
         max_length=s.max_prompt_length + s.max_new_tokens,
         bucket=False,
     )
+    return c
+
+
+def ppo_config(s: Sizes, paths: Paths):
+    """The quickstart's ppo stage config (``configs/quickstart/ppo.py``)."""
+    from jaxrlhf import config_defaults as d
+
+    c = prompt_run_config("ppo", s, paths)
     c.critic = dict(
         model=d.model(paths.rm_export), optim=d.optim(lr=s.critic_lr, warmup_steps=0, schedule="constant")
     )

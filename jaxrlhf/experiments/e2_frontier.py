@@ -168,17 +168,7 @@ def dpo_iter_config(size_name: str, p: q.Paths, sw: Sweep):
     from jaxrlhf import config_defaults as d
 
     s = q.SIZES[size_name]
-    c = d.base("dpo_iter")
-    c.seed = s.seed
-    c.model = d.model(p.sft_export)
-    c.model.dtype = "float32"
-    c.tokenizer = p.tokenizer
-    c.data = d.data(
-        path=p.train_prompts,
-        max_prompt_length=s.max_prompt_length,
-        max_length=s.max_prompt_length + s.max_new_tokens,
-        bucket=False,
-    )
+    c = q.prompt_run_config("dpo_iter", s, p)
     c.reward = d.reward(model_path=p.rm_export, shaping=False, missing_eos_penalty=1.0)
     c.reward.model.dtype = "float32"
     c.ref = d.ref(ema_decay=1.0)

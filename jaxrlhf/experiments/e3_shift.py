@@ -225,15 +225,7 @@ def dpo_iter_config(size_name: str, a: q.Paths, plan: Plan, cache: str, rm: str)
     the offline runs (``iter_rounds`` x ``dpo_steps / iter_rounds``), a checkpoint every
     ``iter_ckpt_every`` rounds."""
     s = q.SIZES[size_name]
-    c = d.base("dpo_iter")
-    c.seed = s.seed
-    c.model = d.model(a.sft_export)
-    c.model.dtype = "float32"
-    c.tokenizer = a.tokenizer
-    c.data = d.data(
-        path=a.train_prompts, max_prompt_length=s.max_prompt_length,
-        max_length=s.max_prompt_length + s.max_new_tokens, bucket=False,
-    )  # fmt: skip
+    c = q.prompt_run_config("dpo_iter", s, a)
     c.reward = d.reward(model_path=rm, missing_eos_penalty=1.0)
     c.reward.model.dtype = "float32"
     c.ref = d.ref(ema_decay=1.0)

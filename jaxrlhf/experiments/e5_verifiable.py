@@ -239,19 +239,10 @@ def grpo_config(size: str, p: q.Paths, seed: int, estimator: str, group: int):
     samples per iteration), optimizer steps, lr, EMA reference and KL weight; the estimator in its
     published form (``LOSS_AGG``; KL k3 as a loss term, REINFORCE++: k1 in the per-token reward)."""
     s = q.SIZES[size]
-    c = d.base("grpo")
+    c = q.prompt_run_config("grpo", s, p)
     c.seed = seed
     c.mesh = dict(data=1, fsdp=1, tensor=1)
     c.progress_bar = False
-    c.model = d.model(p.sft_export)
-    c.model.dtype = "float32"
-    c.tokenizer = p.tokenizer
-    c.data = d.data(
-        path=p.train_prompts,
-        max_prompt_length=s.max_prompt_length,
-        max_length=s.max_prompt_length + s.max_new_tokens,
-        bucket=False,
-    )
     c.reward = d.reward(fn=REWARD_FN, missing_eos_penalty=0.0, shaping=False)
     c.ref = d.ref(ema_decay=s.ppo_ema_decay)
     c.generation = d.generation(max_new_tokens=s.max_new_tokens, temperature=1.0)

@@ -10,8 +10,8 @@ float32 master weights, bf16 compute) with ``--layers`` blocks and the vocabular
 AdamW, donated state) on one device, compiled ahead of time from abstract shapes (nothing is
 allocated). Memory = ``compiled.memory_analysis()``: step temporaries and the peak estimate
 ``arguments + outputs - aliased + temporaries``. With ``--time`` and an idle machine (1-minute load
-average < 1.0) each row also runs real steps on random weights and reports the median step time;
-otherwise its time says "not measured (machine loaded)".
+average < 1.0 when the command starts) each row also runs real steps on random weights and reports
+the median step time; otherwise its time says "not measured (machine loaded)".
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def time_steps(compiled, make, make_state, batch, n: int) -> float:
     return float(np.median(times))
 
 
-def row(vocab: int, chunk: int, args) -> dict:
+def row(vocab: int, chunk: int, args, start_load: float) -> dict:
     step, abs_st, (make, make_state) = build_step(vocab, chunk, args.layers)
     t0 = time.perf_counter()
     compiled = step.lower(abs_st, abstract_batch(args.pairs, args.seq)).compile()
@@ -127,13 +127,15 @@ def row(vocab: int, chunk: int, args) -> dict:
         "logits_f32_bytes": 2 * args.pairs * args.seq * vocab * 4,
     }
     out["peak_bytes"] = out["args_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-    load = os.getloadavg()[0]
-    if args.time and load < 1.0:
+    # The load is read once, before this process starts working: its own compiles and steps would
+    # otherwise push the 1-minute average above 1.0 after the first row.
+    if args.time and start_load < 1.0:
         batch = random_batch(args.pairs, args.seq, vocab, np.random.default_rng(0))
         out["step_s"] = time_steps(compiled, make, make_state, batch, args.steps)
     else:
         out["step_s"] = None
-        out["not_timed"] = "not requested" if not args.time else f"machine loaded (load average {load:.1f})"
+        loaded = f"machine loaded (load average {start_load:.1f})"
+        out["not_timed"] = "not requested" if not args.time else loaded
     return out
 
 
@@ -167,16 +169,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    start_load = os.getloadavg()[0]
     rows = []
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for chunk in (int(c) for c in args.chunks.split(",")):
-            rows.append(row(vocab, chunk, args))
+            rows.append(row(vocab, chunk, args, start_load))
             print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, args)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+            meta = {"args": vars(args), "device": str(jax.devices()[0]), "load_at_start": start_load}
+            json.dump({**meta, "rows": rows}, f, indent=1)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(table)
     return rows

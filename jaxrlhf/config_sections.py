@@ -86,7 +86,8 @@ def model(path: str = "", family: str = "llama", **init) -> ml_collections.Confi
     m.param_dtype = "float32"  # master weights
     m.remat = False  # gradient checkpointing per block
     # attention kernel of the full forward: "portable" (every platform), "xla" or "cudnn"
-    # (jax.nn.dot_product_attention; cudnn = the fused GPU kernel, bf16/fp16)
+    # (jax.nn.dot_product_attention; cudnn = the fused GPU kernel, bf16/fp16), "splash" (Pallas
+    # splash attention: the TPU kernel; interpreted, slowly, on other platforms)
     m.attention = "portable"
     return m
 

@@ -194,6 +194,11 @@ class activation_mesh:  # noqa: N801 - used as a context manager, like jax.shard
         _ACTIVE_MESH.pop()
 
 
+def active_mesh() -> Mesh | None:
+    """The innermost ``activation_mesh``'s mesh, or None outside one."""
+    return _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+
+
 def axis_size(name: str) -> int:
     """Size of mesh axis ``name`` in the active ``activation_mesh`` (1 outside one)."""
     mesh = _ACTIVE_MESH[-1] if _ACTIVE_MESH else None

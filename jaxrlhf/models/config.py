@@ -44,7 +44,7 @@ def _dtype_name(d: Any) -> str:
     return jnp.dtype(d).name
 
 
-ATTENTION_IMPLS = ("portable", "xla", "cudnn")
+ATTENTION_IMPLS = ("portable", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,9 @@ class ModelConfig:
       attention: the attention kernel of the full (uncached) forward: ``"portable"`` (ours: causal
         query chunks, FlashAttention-style backward; every platform), ``"xla"`` or ``"cudnn"``
         (``jax.nn.dot_product_attention`` with that implementation; cuDNN's fused kernel needs an
-        NVIDIA GPU and bf16/fp16). A runtime choice, not written to ``config.json``.
+        NVIDIA GPU and bf16/fp16), or ``"splash"`` (Pallas splash attention, ``models.splash``: the
+        TPU kernel; run in Pallas's interpreter elsewhere). A runtime choice, not written to
+        ``config.json``.
     """
 
     family: str

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.models import splash
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.sharding import axis_size, constrain
 
@@ -267,21 +268,32 @@ def _softmax_attention_bwd(res, do):
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def attend(q, k, v, allowed: jax.Array, *, causal: bool = False, impl: str = "portable") -> jax.Array:
+def attend(
+    q, k, v, allowed: jax.Array, *, causal: bool = False, impl: str = "portable", window: int | None = None
+) -> jax.Array:
     """Masked softmax attention with GQA.
 
     Args:
       q: ``[B, T, H, D]`` queries.  k, v: ``[B, S, K, D]`` keys/values, ``H % K == 0``.
-      allowed: ``[B, T, S]`` bool, True where query ``t`` may attend key ``s``.
+      allowed: ``[B, T, S]`` bool, True where query ``t`` may attend key ``s``; with
+        ``impl="splash"`` instead the ``[B, T]`` int32 ids of ``splash.segment_ids`` (the causal,
+        ``window`` mask is the kernel's).
       causal: the caller guarantees ``T == S`` and ``allowed[:, t, s]`` is False for ``s > t`` (the
         full forward). Queries are then processed in chunks (``attention_chunks``), each against the
         keys up to its last query only, so the masked upper triangle is mostly never computed.
       impl: ``"portable"`` (the above) or ``"xla"`` / ``"cudnn"``: ``jax.nn.dot_product_attention``
-        with that implementation, the same masked softmax (tested equal to the portable path).
+        with that implementation, the same masked softmax (tested equal to the portable path); or
+        ``"splash"``: Pallas splash attention (``models.splash``; TPU, interpreted elsewhere; only
+        the full causal forward), equal on real tokens.
+      window: the sliding window (``"splash"`` only; the other kernels read it from ``allowed``).
     Returns:
       ``[B, T, H, D]`` in ``q.dtype`` (``softmax_attention``). A query with no allowed key gets the
       mean of the values it was scored against (finite, never NaN).
     """
+    if impl == "splash":
+        if not causal:
+            raise ValueError("splash attention serves the full causal forward only")
+        return splash.attention(q, k, v, allowed, window=window)
     if impl != "portable":
         return fused_attention(q, k, v, allowed, impl)
     b, t, h, d = q.shape
@@ -391,7 +403,8 @@ class Block(nnx.Module):
         self.attention_impl = cfg.attention
 
     def __call__(self, x, cos, sin, allowed, kv_fn=None, head_mask=None):
-        """``x [B,T,E]``; ``allowed [B,T,S]``; ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache;
+        """``x [B,T,E]``; ``allowed [B,T,S]`` (``[B,T]`` segment ids with the splash kernel and no
+        cache); ``kv_fn(k, v) -> (k_all, v_all)`` merges a cache;
         ``head_mask [H]`` (optional) multiplies each head's attention output before ``o_proj``."""
         q, k, v = self.attn.qkv(self.input_norm(x), cos, sin)
         new_kv = (k, v)
@@ -400,7 +413,7 @@ class Block(nnx.Module):
         # No cache: the full forward, whose mask is causal by construction (``Transformer.__call__``).
         # The KV-cache forward (decoding) keeps the portable kernel; the full forward can use a fused one.
         impl = self.attention_impl if kv_fn is None else "portable"
-        o = attend(q, k, v, allowed, causal=kv_fn is None, impl=impl)  # [B,T,H,D]
+        o = attend(q, k, v, allowed, causal=kv_fn is None, impl=impl, window=self.window)  # [B,T,H,D]
         if head_mask is not None:
             o = o * head_mask.astype(o.dtype)[None, None, :, None]
         a = self.attn.out(o)
@@ -530,7 +543,9 @@ class Transformer(nnx.Module):
         hidden = [x]
         for i, layer in enumerate(self.layers):
             w = layer.window
-            if w not in masks:
+            if w not in masks and layer.attention_impl == "splash":  # the kernel's own causal/window mask
+                masks[w] = splash.segment_ids(key_ok, segment_ids)
+            elif w not in masks:
                 masks[w] = base & window_mask(slots, slots, w)[None]
             hm = None if head_mask is None else head_mask[i]
             if self.config.remat:

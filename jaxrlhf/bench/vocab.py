@@ -65,7 +65,9 @@ def build_step(vocab: int, chunk: int, layers: int):
         return ns.replace(rng=jax.random.key_data(ns.rng)), m
 
     def make_state(params):
-        return state_lib.create(params, tx, ref_params=params, rng=jax.random.key_data(jax.random.key(0)))
+        # The reference is a copy: the step donates the state, and one buffer cannot be donated twice.
+        ref = jax.tree.map(jnp.copy, params)
+        return state_lib.create(params, tx, ref_params=ref, rng=jax.random.key_data(jax.random.key(0)))
 
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     params = nnx.to_pure_dict(abs_state)

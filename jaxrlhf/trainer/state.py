@@ -41,13 +41,14 @@ class TrainState:
 
 def create(params: Any, tx, *, ref_params: Any = None, rng: jax.Array) -> TrainState:
     """A fresh state at step 0 (jit this with ``out_shardings`` to create it sharded)."""
-    zero = jnp.zeros((), jnp.int32)
+    # One zero per field: called outside jit, a shared buffer could not be donated to a step.
+    zero = lambda: jnp.zeros((), jnp.int32)
     return TrainState(
-        step=zero,
+        step=zero(),
         params=params,
         opt_state=tx.init(params),
         ref_params=ref_params,
         rng=rng,
-        skipped=zero,
-        consecutive_skips=zero,
+        skipped=zero(),
+        consecutive_skips=zero(),
     )

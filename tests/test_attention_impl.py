@@ -184,3 +184,16 @@ def test_splash_sharded_over_eight_devices_equals_unsharded():
     with activation_mesh(mesh):
         got = jax.jit(splash.attention)(*map(jnp.asarray, (q, k, v)), ids)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_splash_off_tpu_is_allowed_with_a_warning_naming_the_key(caplog):
+    import logging
+
+    c = d.base("sft")
+    c.model = d.model(family="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1)
+    c.model.dtype = "float32"
+    c.model.attention = "splash"
+    with caplog.at_level(logging.WARNING):
+        _, _, cfg = setup.load_model(c, c.model, make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+    assert cfg.attention == "splash"
+    assert "config.model.attention='splash' is the TPU kernel: on cpu" in caplog.text

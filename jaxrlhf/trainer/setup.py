@@ -62,6 +62,14 @@ def load_model(config, mcfg, mesh, *, head=None, config_key: str = "model.path")
     if attention not in models.ATTENTION_IMPLS:
         key = config_key.rsplit(".", 1)[0] + ".attention"
         raise ValueError(f"config.{key}={attention!r}: expected one of {models.ATTENTION_IMPLS}")
+    if attention == "splash" and jax.default_backend() != "tpu":
+        key = config_key.rsplit(".", 1)[0] + ".attention"
+        logging.warning(
+            "config.%s='splash' is the TPU kernel: on %s it runs in Pallas's interpreter (slow; meant "
+            "for tests). 'portable' or, on GPUs, 'cudnn' are the fast choices here.",
+            key,
+            jax.default_backend(),
+        )
     if mcfg.path:
         probe = models.load_config(mcfg.path, head=head, config_key=config_key)
         rules = partition_rules(config, probe)

@@ -176,3 +176,50 @@ def test_real_tokenizer_workload_counts_one_token_per_word(tmp_path):
     assert total == wl.real_tokens(rows, "dpo", bos=False)
     with open(os.path.join(p["model"], "config.json")) as f:
         assert json.load(f)["vocab_size"] == 151665
+
+
+SPLIT_LOG = """I1130 23:59:58.0 1 harness.py:263] algorithm: reward
+I1130 23:59:59.5 1 setup.py:428] model: llama, 1M parameters
+I1201 00:00:09.5 1 setup.py:360] compiled step for batch {...}
+I1201 00:00:19.5 1 logger.py:68] step 10: loss=0.7, perf/compile_s=10, perf/compiles=1, perf/tokens_per_s=100
+I1201 00:00:29.5 1 logger.py:68] step 20: loss=0.6, perf/compile_s=10, perf/compiles=1, perf/tokens_per_s=200
+I1201 00:00:31.0 1 logger.py:68] step 20 eval: loss=0.7
+I1201 00:00:39.5 1 logger.py:68] step 30: loss=0.5, perf/compile_s=10, perf/compiles=1, perf/tokens_per_s=300
+I1201 00:00:43.0 1 checkpoint.py:184] checkpoint: saving step 30
+"""
+
+
+def test_wall_split_of_our_run_across_midnight():
+    # loop starts at the model line (-0.5 s from midnight), last window at 39.5 s, last line at 43 s
+    split = cli.split_ours(SPLIT_LOG, wall_s=50.0, compile_s=10.0)
+    assert split == pytest.approx(
+        {"startup": 50.0 - 43.5, "compile": 10.0, "steps": 40.0 - 10.0, "final_save": 3.5}
+    )
+    assert sum(split.values()) == pytest.approx(50.0)
+
+
+def test_resummarize_rewrites_the_report_from_the_logs(tmp_path):
+    ours_log, trl_log = tmp_path / "ours.log", tmp_path / "trl.log"
+    ours_log.write_text(SPLIT_LOG)
+    res = {"framework": "trl", "task": "reward", "steps": 3, "step_times": [1.0, 2.0, 3.0],
+           "real_tokens_per_step": [10, 20, 30], "padded_tokens_per_step": [11, 21, 31],
+           "versions": {}}  # fmt: skip
+    trl_log.write_text("tokenizing\n" + results.format_line(res) + "\n")
+    base = {"task": "reward", "vocab": "v2k", "round": 0, "peak_rss_mib": 1.0}
+    report = {
+        "command": "c", "date": "d", "rounds": 1, "steps": 3, "log_every": 1, "frameworks": ["ours", "trl"],
+        "machine": {"cpu": "x", "cores": 2, "mem_gib": 1, "os": "y"}, "notes": [], "aggregate": [],
+        "runs": [{**base, "framework": "ours", "wall_s": 50.0, "log": str(ours_log)},
+                 {**base, "framework": "trl", "wall_s": 10.0, "log": str(trl_log)}],
+    }  # fmt: skip
+    path = tmp_path / "bench_cli_x.json"
+    path.write_text(json.dumps(report))
+    cli.main(["--resummarize", str(path)])
+    got = json.loads(path.read_text())
+    ours, trl = got["runs"]
+    assert ours["split_s"]["steps"] == pytest.approx(30.0) and ours["steady_tokens_per_s"] == 300.0
+    assert trl["split_s"] == pytest.approx({"steps": 6.0, "other": 4.0})
+    assert ours["wall_s"] == 50.0 and got["command"] == "c"  # measured values and the header are kept
+    md = (tmp_path / "bench_cli_x.md").read_text()
+    assert "| reward | v2k | ours | 50 | 6.5 | 10.0 | 30.0 | 3.5 | – |" in md
+    assert "| reward | v2k | trl | 10 | – | – | 6.0 | – | 4.0 |" in md

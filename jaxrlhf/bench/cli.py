@@ -29,14 +29,21 @@ N steps; ours also writes its final checkpoint); **compiles** and **compile seco
 ``perf/compiles``, ``perf/compile_s``); ``perf/host_fraction`` (ours, median of the same windows);
 **peak memory** = the process tree's RSS high-water mark (``os.wait4``'s ``ru_maxrss``: the
 largest process of the tree, a process never adds its children). Per round, ours / TRL of the
-steady tokens/s and of the wall time. Writes ``<out>/bench_cli.json`` and ``<out>/bench_cli.md``.
+steady tokens/s and of the wall time. **Where the wall time goes** (``split_s``, from the logs'
+timestamps): ours = start-up (process start to the training loop: imports, JAX, data, model; and
+exit after the last log line), compiles (``perf/compile_s``), the loop's steps and logging (without
+compiles), the final checkpoint and HF export; TRL = its timed steps and everything else. Writes
+``<out>/bench_cli.json`` and ``<out>/bench_cli.md``; ``--resummarize <json>`` recomputes both
+from the runs' logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -150,6 +157,45 @@ def parse_our_log(text: str) -> list[dict[str, float]]:
     return windows
 
 
+_STAMP = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
+
+
+def _stamped(text: str) -> list[tuple[float, str]]:
+    """``(seconds, line)`` of the absl-stamped lines (``I1130 13:57:05.325860 ...``), in order; a
+    stamp earlier than the previous one is taken to be the next day."""
+    out, day = [], 0.0
+    for line in text.splitlines():
+        m = _STAMP.match(line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) + day
+        if out and t < out[-1][0]:
+            day += 86400.0
+            t += 86400.0
+        out.append((t, line))
+    return out
+
+
+def split_ours(text: str, wall_s: float, compile_s: float) -> dict[str, float]:
+    """Our run's wall time in four parts that add up to ``wall_s``: ``startup`` (process start to
+    the last stamped line before the first compile or logged window, plus the exit after the last
+    stamped line), ``compile`` (``compile_s``), ``steps`` (from there to the last logged window,
+    compiles excluded: steps, logging, batch preparation) and ``final_save`` (the last logged window
+    to the last stamped line: final checkpoint, HF export)."""
+    lines = _stamped(text)
+    window = re.compile(r"\] step \d+: ")
+    first = next(i for i, (_, ln) in enumerate(lines) if "compiled step for batch" in ln or window.search(ln))
+    t_loop = lines[max(first - 1, 0)][0]
+    t_last_window = max(t for t, ln in lines if window.search(ln))
+    t_end = lines[-1][0]
+    return {
+        "startup": wall_s - (t_end - t_loop),
+        "compile": compile_s,
+        "steps": t_last_window - t_loop - compile_s,
+        "final_save": t_end - t_last_window,
+    }
+
+
 def _median_after(values: list[float], skip: int = SKIP_WINDOWS) -> float | None:
     kept = values[skip:]
     return statistics.median(kept) if kept else None
@@ -177,7 +223,20 @@ def summarize_trl(text: str, log_every: int) -> dict[str, Any]:
     t, n = res["step_times"], res["real_tokens_per_step"]
     rates = [sum(n[s : s + log_every]) / sum(t[s : s + log_every]) for s in range(0, len(t), log_every)]
     return {"windows_tokens_per_s": rates, "steady_tokens_per_s": _median_after(rates), "compiles": None,
-            "compile_s": None, "host_fraction": None, "versions": res["versions"]}  # fmt: skip
+            "compile_s": None, "host_fraction": None, "versions": res["versions"],
+            "steps_s": sum(t)}  # fmt: skip
+
+
+def summarize(rec: dict[str, Any], text: str, log_every: int) -> dict[str, Any]:
+    """The fields a run's record takes from its log (``summarize_ours`` / ``summarize_trl``), with
+    ``split_s``, the wall time in parts (see the module docstring)."""
+    if rec["framework"] == "trl":
+        out = summarize_trl(text, log_every)
+        out["split_s"] = {"steps": out["steps_s"], "other": rec["wall_s"] - out["steps_s"]}
+    else:
+        out = summarize_ours(text)
+        out["split_s"] = split_ours(text, rec["wall_s"], out["compile_s"] or 0.0)
+    return out
 
 
 def one_run(framework: str, *, task: str, vocab: str, root: str, steps: int, log_every: int, pythons: dict,
@@ -200,7 +259,7 @@ def one_run(framework: str, *, task: str, vocab: str, root: str, steps: int, log
     if "error" in rec:
         return rec
     try:
-        rec.update(summarize_trl(text, log_every) if framework == "trl" else summarize_ours(text))
+        rec.update(summarize(rec, text, log_every))
     except ValueError as e:
         rec["error"] = str(e)
     return rec
@@ -235,6 +294,7 @@ def _spread(xs: list[float]) -> dict[str, float] | None:
 
 
 FIELDS = ("steady_tokens_per_s", "wall_s", "compiles", "compile_s", "host_fraction", "peak_rss_mib")
+SPLIT_PARTS = ("startup", "compile", "steps", "final_save", "other")
 
 
 def aggregate(runs: list[dict[str, Any]], baseline: str = "ours", peer: str = "trl") -> list[dict[str, Any]]:
@@ -259,6 +319,8 @@ def aggregate(runs: list[dict[str, Any]], baseline: str = "ours", peer: str = "t
         }
         for f in FIELDS:
             row[f] = _spread([r.get(f) for r in ok])
+        parts = [p for p in SPLIT_PARTS if all(p in r.get("split_s", {}) for r in ok)] if ok else []
+        row["split_s"] = {p: _spread([r["split_s"][p] for r in ok]) for p in parts}
         row["speed_vs_peer"] = row["wall_vs_peer"] = None
         peers = {r["round"]: r for r in runs if (r["task"], r["vocab"], r["framework"]) == (task, vocab, peer)
                  and "error" not in r and "skipped" not in r}  # fmt: skip
@@ -308,6 +370,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def split_table(rows: list[dict[str, Any]]) -> str:
+    """Where the wall time goes: seconds per part, median (min–max) over rounds."""
+    out = [
+        "| task | vocab | framework | wall (s) | start-up | compiles | steps (no compiles) | final save "
+        "| other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["runs"] == 0 or not r.get("split_s"):
+            continue
+        cells = [_cell(r["split_s"].get(p), 1) for p in SPLIT_PARTS]
+        head = f"| {r['task']} | {r['vocab']} | {r['framework']} | {_cell(r['wall_s'])} | "
+        out.append(head + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -322,6 +400,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "median (min–max) over rounds. Ratios > 1: ours faster.",
         "",
         markdown_table(report["aggregate"]),
+        "",
+        "Where the wall time goes (s; ours: from the log's timestamps, TRL: its timed steps and the rest):",
+        "",
+        split_table(report["aggregate"]),
         "",
     ]
     lines += [f"- {s}" for s in report["notes"]]
@@ -342,7 +424,12 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--trl-python", default=os.path.join(REPO, ".venv-bench", "bin", "python"))
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
     ap.add_argument("--prepare_only", action="store_true", help="write the workloads and stop")
+    ap.add_argument(
+        "--resummarize", default="", help="a bench_cli json: recompute it and its md from the logs"
+    )
     a = ap.parse_args(argv)
+    if a.resummarize:
+        return resummarize(a.resummarize)
     tasks = [t for t in a.task.split(",") if t]
     vocabs = [v for v in a.vocab.split(",") if v]
     frameworks = [f for f in a.frameworks.split(",") if f]
@@ -369,6 +456,23 @@ def main(argv=None) -> dict[str, Any]:
         "notes": notes, "aggregate": aggregate(runs), "runs": runs,
     }  # fmt: skip
     results.write_report(a.out, "bench_cli", report, render_markdown(report))
+    return report
+
+
+def resummarize(path: str) -> dict[str, Any]:
+    """Re-reads every run's log (the paths in ``path``), recomputes its summary (``summarize``) and
+    the aggregate, and rewrites ``path`` and its ``.md``; the measured wall times, RSS and the
+    report's command, date and machine are kept."""
+    with open(path) as f:
+        report = json.load(f)
+    for rec in report["runs"]:
+        if "error" in rec or "skipped" in rec:
+            continue
+        with open(rec["log"]) as f:
+            rec.update(summarize(rec, f.read(), report["log_every"]))
+    report["aggregate"] = aggregate(report["runs"])
+    out, name = os.path.split(os.path.splitext(path)[0])
+    results.write_report(out or ".", name, report, render_markdown(report))
     return report
 
 

@@ -65,17 +65,32 @@ def test_target_stability_matches_numpy_cosines():
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     assert second["analysis/update_cos_prev_window"] == pytest.approx(cos(d2, d1), abs=1e-7)
     assert second["analysis/update_cos_from_start"] == pytest.approx(cos(d2, total), abs=1e-6)
+    # A window without an update logs nothing; the next one is compared with the last real update.
+    assert ts.update({k: v + 0 for k, v in p2.items()}) == {}
+    p3 = {"a": jnp.array([1.0, 1.0, 2.0]), "b": jnp.ones((2, 2))}
+    third = ts.update(p3)
+    d3, total3 = np.array([0, 0, 2, 0, 0, 0, 0]), np.array([1, 1, 2, 1, 1, 1, 1])
+    assert third["analysis/update_cos_prev_window"] == pytest.approx(cos(d3, d2), abs=1e-7)
+    assert third["analysis/update_cos_from_start"] == pytest.approx(cos(d3, total3), abs=1e-6)
+
+
+def test_target_stability_logs_nothing_before_the_first_update():
+    p0 = {"a": jnp.ones(3)}
+    ts = gradients.TargetStability(p0)
+    assert ts.update(p0) == {}
+    first = ts.update({"a": jnp.array([2.0, 1.0, 1.0])})
+    assert first == {"analysis/update_cos_from_start": pytest.approx(1.0)}
 
 
 @pytest.mark.slow
 def test_dpo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     c = _tiny(
-        "dpo", **{"analysis.every": 1, "total_steps": 2, "checkpoint.every": 2, "dpo.label_smoothing": 0.1}
+        "dpo", **{"analysis.every": 1, "total_steps": 4, "checkpoint.every": 4, "dpo.label_smoothing": 0.1}
     )
     res = registry.run(c, str(tmp_path / "dpo"))
     logged = res["analysis"]
-    assert [m["step"] for m in logged] == [1, 2]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
     for m in logged:
         tot, pos, neg = (m[f"analysis/grad_norm_{k}"] for k in ("total", "pos", "neg"))
         cos = m["analysis/grad_cos_pos_neg"]
@@ -84,7 +99,11 @@ def test_dpo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
         assert tot > 0 and pos > 0 and neg > 0
         parts = [m[f"analysis/grad_norm_{k}"] for k in ("top", "mid", "bot")]
         assert all(p >= 0 for p in parts) and m["analysis/weight_mean_top"] >= m["analysis/weight_mean_bot"]
-    assert "analysis/update_cos_prev_window" in logged[1]
+    # step 1's probe sees the initial parameters (its batch is the one about to be trained on): no
+    # update in that window, so no cosine there (in this tiny run the second window is empty too:
+    # the parameters at step 2 equal the initial ones); the last probe compares two updates
+    assert not any(k.startswith("analysis/update_cos") for k in logged[0])
+    assert 0 < abs(logged[-1]["analysis/update_cos_prev_window"]) <= 1 + 1e-6
 
 
 def test_dpo_decomposition_total_is_the_loss_gradient():
@@ -126,7 +145,7 @@ def test_dpo_decomposition_total_is_the_loss_gradient():
 @pytest.mark.slow
 def test_ppo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    over = {"analysis.every": 1, "ppo.iterations": 2, "checkpoint.every": 2, "export_hf": False}
+    over = {"analysis.every": 1, "ppo.iterations": 3, "checkpoint.every": 3, "export_hf": False}
     res = registry.run(_tiny("ppo", **over), str(tmp_path / "ppo"))
     for m in res["history"]:
         tot, pos, neg = (m[f"analysis/grad_norm_{k}"] for k in ("total", "pos", "neg"))
@@ -135,7 +154,10 @@ def test_ppo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
         # whitened advantages: both signs present; the top third by |A| has the largest |raw A|
         assert pos > 0 and neg > 0
         assert m["analysis/grad_norm_top"] > 0
-    assert "analysis/update_cos_prev_window" in res["history"][1]
+    # the first probe precedes any update: no cosine there, none against it; the third compares
+    assert not any(k.startswith("analysis/update_cos") for k in res["history"][0])
+    assert "analysis/update_cos_prev_window" not in res["history"][1]
+    assert "analysis/update_cos_prev_window" in res["history"][2]
 
 
 def test_coordinated_token_weights_match_a_numpy_loop():
@@ -259,13 +281,16 @@ def test_sign_coefficients_weigh_positive_and_negative_advantage_tokens():
 @pytest.mark.slow
 def test_grpo_run_logs_a_decomposition_whose_parts_add_up(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    over = {"analysis.every": 1, "grpo.iterations": 2, "checkpoint.every": 2, "export_hf": False}
+    over = {"analysis.every": 1, "grpo.iterations": 3, "checkpoint.every": 3, "export_hf": False}
     res = registry.run(_tiny("grpo", **over), str(tmp_path / "grpo"))
     for m in res["history"]:
         tot, pos, neg = (m[f"analysis/grad_norm_{k}"] for k in ("total", "pos", "neg"))
         cos = m["analysis/grad_cos_pos_neg"]
         assert tot**2 == pytest.approx(pos**2 + neg**2 + 2 * pos * neg * cos, rel=1e-4)
-    assert "analysis/update_cos_prev_window" in res["history"][1]
+    # the first probe precedes any update: no cosine there, none against it; the third compares
+    assert not any(k.startswith("analysis/update_cos") for k in res["history"][0])
+    assert "analysis/update_cos_prev_window" not in res["history"][1]
+    assert "analysis/update_cos_prev_window" in res["history"][2]
 
 
 def test_simpo_decomposition_total_is_the_loss_gradient_and_weights_are_sigmoid():

@@ -87,6 +87,10 @@ class TargetStability:
     (``analysis/update_cos_prev_window``) and with the displacement from the start of training
     (``analysis/update_cos_from_start``): stable targets keep both near 1.
 
+    A window with no update (parameters unchanged, e.g. a probe before the first step) logs neither
+    cosine (a cosine with a zero vector is undefined) and is skipped: the next window is compared
+    with the last window that had an update.
+
     Holds three parameter-sized copies (start, window anchor, previous update) while probing.
     """
 
@@ -100,8 +104,11 @@ class TargetStability:
 
     def update(self, params) -> dict[str, float]:
         delta = self._delta(params, self.anchor)
+        self.anchor = self._copy(params)
+        if float(tree_norm(delta)) == 0.0:
+            return {}
         out = {"analysis/update_cos_from_start": float(tree_cosine(delta, self._delta(params, self.start)))}
         if self.prev is not None:
             out["analysis/update_cos_prev_window"] = float(tree_cosine(delta, self.prev))
-        self.prev, self.anchor = delta, self._copy(params)
+        self.prev = delta
         return out

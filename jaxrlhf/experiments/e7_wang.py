@@ -213,7 +213,8 @@ def clean_probes(probes: list[dict[str, float]]) -> list[dict[str, float]]:
     """Drops the target-stability cosines that are trivial by construction: ``update_cos_from_start``
     of a window that starts at step 0 (the window is the displacement: 1, or 0 when empty, as for
     PPO's first probe, taken before any update) and ``update_cos_prev_window`` when the previous window
-    is empty or absent (``TargetStability`` then compares with a zero vector: 0)."""
+    is empty or absent. ``TargetStability`` no longer logs a cosine for an empty window (results
+    committed before logged 0 there); the filter keeps both kinds of history alike."""
     out, prev_end, prev_len = [], 0, 0
     for i, pr in enumerate(probes):
         pr = dict(pr)

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.models import splash
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.splash import attention as splash_attention
+from jaxrlhf.models.splash import segment_ids as splash_segment_ids
 from jaxrlhf.sharding import axis_size, constrain
 
 NEG_INF = -1e30  # finite large-negative fill: a fully masked row stays finite (uniform), never NaN
@@ -293,7 +294,7 @@ def attend(
     if impl == "splash":
         if not causal:
             raise ValueError("splash attention serves the full causal forward only")
-        return splash.attention(q, k, v, allowed, window=window)
+        return splash_attention(q, k, v, allowed, window=window)
     if impl != "portable":
         return fused_attention(q, k, v, allowed, impl)
     b, t, h, d = q.shape
@@ -544,7 +545,7 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             w = layer.window
             if w not in masks and layer.attention_impl == "splash":  # the kernel's own causal/window mask
-                masks[w] = splash.segment_ids(key_ok, segment_ids)
+                masks[w] = splash_segment_ids(key_ok, segment_ids)
             elif w not in masks:
                 masks[w] = base & window_mask(slots, slots, w)[None]
             hm = None if head_mask is None else head_mask[i]

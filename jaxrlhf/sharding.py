@@ -201,7 +201,7 @@ def active_mesh() -> Mesh | None:
 
 def axis_size(name: str) -> int:
     """Size of mesh axis ``name`` in the active ``activation_mesh`` (1 outside one)."""
-    mesh = _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+    mesh = active_mesh()
     return 1 if mesh is None else int(dict(mesh.shape).get(name, 1))
 
 
@@ -211,7 +211,7 @@ def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical axis names; a no-op outside ``activation_mesh``."""
-    mesh = _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+    mesh = active_mesh()
     if mesh is None or mesh.size == 1:
         return x
     spec = fit_spec(logical_spec(names), x.shape, mesh)

@@ -349,41 +349,39 @@ def _cell(s: dict | None, nd=0, suffix="") -> str:
     return f"{_fmt(s['median'], nd)}{suffix} ({_fmt(s['min'], nd)}–{_fmt(s['max'], nd)})"
 
 
+def _md(columns: list[str], lines: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, one line per row of cells."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
+
+
+def _who(r: dict[str, Any]) -> list[str]:
+    return [r["task"], r["vocab"], r["framework"]]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The table: one line per task x vocabulary x framework."""
-    out = [
-        "| task | vocab | framework | steady real tok/s | wall (s) | compiles | compile (s) | host fraction "
-        "| peak RSS (MiB) | ours/TRL tok/s | TRL/ours wall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["task", "vocab", "framework", "steady real tok/s", "wall (s)", "compiles", "compile (s)",
+               "host fraction", "peak RSS (MiB)", "ours/TRL tok/s", "TRL/ours wall"]  # fmt: skip
+    lines = []
     for r in rows:
         if r["runs"] == 0:
             why = r["skipped"] or f"{r['failed']} failed run(s)"
-            out.append(f"| {r['task']} | {r['vocab']} | {r['framework']} | {why} |||||||||")
+            lines.append([*_who(r), why, *[""] * 7])
             continue
-        out.append(
-            f"| {r['task']} | {r['vocab']} | {r['framework']} | {_cell(r['steady_tokens_per_s'])} | "
-            f"{_cell(r['wall_s'])} | {_cell(r['compiles'])} | {_cell(r['compile_s'], 1)} | "
-            f"{_cell(r['host_fraction'], 2)} | {_cell(r['peak_rss_mib'])} | "
-            f"{_cell(r['speed_vs_peer'], 2, '×')} | {_cell(r['wall_vs_peer'], 2, '×')} |"
-        )
-    return "\n".join(out)
+        lines.append([*_who(r), _cell(r["steady_tokens_per_s"]), _cell(r["wall_s"]), _cell(r["compiles"]),
+                      _cell(r["compile_s"], 1), _cell(r["host_fraction"], 2), _cell(r["peak_rss_mib"]),
+                      _cell(r["speed_vs_peer"], 2, "×"), _cell(r["wall_vs_peer"], 2, "×")])  # fmt: skip
+    return _md(columns, lines)
 
 
 def split_table(rows: list[dict[str, Any]]) -> str:
     """Where the wall time goes: seconds per part, median (min–max) over rounds."""
-    out = [
-        "| task | vocab | framework | wall (s) | start-up | compiles | steps (no compiles) | final save "
-        "| other |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["runs"] == 0 or not r.get("split_s"):
-            continue
-        cells = [_cell(r["split_s"].get(p), 1) for p in SPLIT_PARTS]
-        head = f"| {r['task']} | {r['vocab']} | {r['framework']} | {_cell(r['wall_s'])} | "
-        out.append(head + " | ".join(cells) + " |")
-    return "\n".join(out)
+    columns = ["task", "vocab", "framework", "wall (s)", "start-up", "compiles", "steps (no compiles)",
+               "final save", "other"]  # fmt: skip
+    lines = [[*_who(r), _cell(r["wall_s"]), *(_cell(r["split_s"].get(p), 1) for p in SPLIT_PARTS)]
+             for r in rows if r["runs"] and r.get("split_s")]  # fmt: skip
+    return _md(columns, lines)
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -544,10 +544,13 @@ class Transformer(nnx.Module):
         hidden = [x]
         for i, layer in enumerate(self.layers):
             w = layer.window
-            if w not in masks and layer.attention_impl == "splash":  # the kernel's own causal/window mask
-                masks[w] = splash_segment_ids(key_ok, segment_ids)
-            elif w not in masks:
-                masks[w] = base & window_mask(slots, slots, w)[None]
+            if w not in masks:  # splash: segment ids (the kernel applies its own causal/window mask)
+                splash = layer.attention_impl == "splash"
+                masks[w] = (
+                    splash_segment_ids(key_ok, segment_ids)
+                    if splash
+                    else base & window_mask(slots, slots, w)[None]
+                )
             hm = None if head_mask is None else head_mask[i]
             if self.config.remat:
                 x, _ = nnx.remat(lambda blk, x, cos, sin, m, hm: blk(x, cos, sin, m, head_mask=hm))(
